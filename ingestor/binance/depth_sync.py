@@ -1,0 +1,118 @@
+"""Binance's documented procedure for keeping a local order book, per market.
+
+Spot ("How to manage a local order book correctly"): buffer diff events, fetch a
+snapshot; if its ``lastUpdateId`` is below the first buffered ``U``, fetch again; drop
+buffered events with ``u <= lastUpdateId``; then an event with ``u`` below the local
+update id is ignored, one with ``U > local + 1`` means a gap (start over), anything
+else is applied and ``local = u``.
+
+USD-M: drop events with ``u < lastUpdateId``; the first applied event must have
+``U <= lastUpdateId <= u``; after that every event's ``pu`` must equal the previous
+event's ``u`` (USD-M ids are venue-wide, so ``U`` is not ``prev u + 1``).
+
+This is pure state: the caller does the I/O (subscribe first, then the snapshot). The
+book here keeps the exchange's decimal strings as keys, which is exact and enough for
+validation; the feature worker keeps its own numeric book.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingestor.binance.streams import Market
+
+
+class DepthGap(Exception):
+    """The diff stream skipped updates: the book must be rebuilt from a new snapshot."""
+
+
+@dataclass
+class LocalBook:
+    last_update_id: int
+    bids: dict[str, str] = field(default_factory=dict)
+    asks: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, bids: list[list[str]], asks: list[list[str]]) -> None:
+        for side, levels in ((self.bids, bids), (self.asks, asks)):
+            for price, qty in levels:
+                if _is_zero(qty):
+                    side.pop(price, None)
+                else:
+                    side[price] = qty
+
+    def best_bid(self) -> tuple[str, str] | None:
+        if not self.bids:
+            return None
+        p = max(self.bids, key=float)
+        return p, self.bids[p]
+
+    def best_ask(self) -> tuple[str, str] | None:
+        if not self.asks:
+            return None
+        p = min(self.asks, key=float)
+        return p, self.asks[p]
+
+    def crossed(self) -> bool:
+        b, a = self.best_bid(), self.best_ask()
+        return b is not None and a is not None and float(b[0]) >= float(a[0])
+
+
+def _is_zero(qty: str) -> bool:
+    return not qty.strip("0.")
+
+
+class DepthSync:
+    """One symbol's book sync. Feed every diff event; give it the snapshot when it
+    arrives; ``book`` is valid once ``synced``."""
+
+    def __init__(self, market: Market) -> None:
+        self.market = market
+        self.pending: list[dict[str, Any]] = []
+        self.book: LocalBook | None = None
+        self.prev_u: int | None = None
+        self.applied = 0
+
+    @property
+    def synced(self) -> bool:
+        return self.book is not None
+
+    def on_snapshot(self, snapshot: dict[str, Any]) -> bool:
+        """Install a REST snapshot. False: it is older than the buffered events (spot's
+        rule), so fetch another one."""
+        lid = int(snapshot["lastUpdateId"])
+        if self.market == "spot" and self.pending and lid < self.pending[0]["U"] - 1:
+            return False
+        book = LocalBook(lid)
+        book.apply(snapshot["bids"], snapshot["asks"])
+        self.book, self.prev_u = book, None
+        pending, self.pending = self.pending, []
+        for ev in pending:
+            self.on_event(ev)
+        return True
+
+    def on_event(self, ev: dict[str, Any]) -> bool:
+        """Apply or buffer one diff event; True if it changed the book. Raises DepthGap."""
+        book = self.book
+        if book is None:
+            self.pending.append(ev)
+            return False
+        U, u = ev["U"], ev["u"]  # noqa: N806
+        if self.market == "spot":
+            if u <= book.last_update_id:
+                return False
+            if U > book.last_update_id + 1:
+                raise DepthGap(f"{ev.get('s')}: U={U} after local update id {book.last_update_id}")
+        elif self.prev_u is None:
+            if u < book.last_update_id:
+                return False
+            if U > book.last_update_id:
+                raise DepthGap(f"{ev.get('s')}: first event U={U} > lastUpdateId "
+                               f"{book.last_update_id}")
+        elif ev["pu"] != self.prev_u:
+            raise DepthGap(f"{ev.get('s')}: pu={ev['pu']} != previous u={self.prev_u}")
+        self.prev_u = u
+        book.apply(ev["b"], ev["a"])
+        book.last_update_id = u
+        self.applied += 1
+        return True

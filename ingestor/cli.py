@@ -1,0 +1,90 @@
+"""The ``ingestor`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+import orjson
+
+from ingestor.binance.streams import MARKETS, Market
+from ingestor.sim.faults import FaultSpecError, parse_faults
+from ingestor.sim.model import ModelParams
+
+
+def _markets(text: str) -> tuple[Market, ...]:
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in items if x not in MARKETS]
+    if bad or not items:
+        raise click.BadParameter(f"expected a comma list of {', '.join(MARKETS)}; got {text!r}")
+    return items  # type: ignore[return-value]
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def main(log_level: str) -> None:
+    """Binance market-data recorder, exchange simulator and order-flow indicators."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=0, show_default=True,
+              help="0: free ports; P: spot ws P, futures ws P+1, spot rest P+2, futures rest P+3, admin P+4")
+@click.option("--markets", default="spot,futures", show_default=True)
+@click.option("--symbols", default=None, help="comma list, e.g. BTCUSDT,ETHUSDT")
+@click.option("--n-symbols", default=5, show_default=True, type=click.IntRange(1, 2000))
+@click.option("--rate", default=200.0, show_default=True, type=click.FloatRange(0),
+              help="calm-regime taker orders per second per market (about one aggTrade each)")
+@click.option("--seed", default=1, show_default=True)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="processes sharing the WebSocket ports (SO_REUSEPORT)")
+@click.option("--faults", default="", help="schedule, e.g. drop@5s/30s:market=futures,gap@10s")
+@click.option("--replay", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="recorded messages to play instead of the synthetic market (repeatable)")
+@click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="replay pace multiplier; 0 = as fast as possible")
+@click.option("--max-lifetime", default=86400.0, show_default=True, type=click.FloatRange(0.1),
+              help="seconds before the server closes a connection (Binance: 24 h)")
+def simulate(host: str, port: int, markets: str, symbols: str | None, n_symbols: int, rate: float,
+             seed: int, workers: int, faults: str, replay: tuple[str, ...], speed: float,
+             max_lifetime: float) -> None:
+    """Serve Binance's WebSocket and REST protocols on loopback.
+
+    Prints one JSON line with the base URLs when ready; runs until SIGINT/SIGTERM.
+    """
+    from dataclasses import replace
+
+    from ingestor.binance.streams import DEFAULT_LIMITS
+    from ingestor.sim.server import SimConfig
+
+    try:
+        fault_list = parse_faults(faults)
+    except FaultSpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="--faults") from None
+    sym = tuple(s.strip().upper() for s in symbols.split(",") if s.strip()) if symbols else None
+    limits = {m: replace(lim, max_lifetime_s=max_lifetime) for m, lim in DEFAULT_LIMITS.items()}
+    config = SimConfig(host=host, port=port, markets=_markets(markets), symbols=sym,
+                       n_symbols=n_symbols, seed=seed, model=ModelParams(rate=rate),
+                       limits=limits, faults=fault_list, replay=replay, speed=speed,
+                       reuse_port=workers > 1)
+    import uvloop
+
+    from ingestor.sim.run import run_simulator
+
+    try:
+        uvloop.run(run_simulator(config, workers, _print_json_line))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _print_json_line(obj: object) -> None:
+    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The project's test command: a fresh virtualenv with the test extras, then pytest.
+# Used as-is by .ci/run; safe to run on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+set +e
+"$VENV/bin/pytest" -q "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests: that is a failure here" >&2
+    exit 1
+fi
+exit "$rc"
