@@ -15,7 +15,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff() -> None:
-    r = _run("ruff", "check", "ingestor", "tests", "benchmarks")
+    dirs = [d for d in ("ingestor", "tests", "benchmarks") if (ROOT / d).is_dir()]
+    r = _run("ruff", "check", *dirs)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -1,0 +1,47 @@
+"""`ingestor simulate` as a real process: the JSON line, serving, clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+from .conftest import connect, get_json
+
+
+async def test_simulate_prints_urls_serves_and_exits_zero_on_sigterm() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingestor.cli", "simulate", "--n-symbols", "2", "--seed", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        urls = json.loads(line)
+        assert list(urls) == ["spot_ws", "futures_ws", "spot_rest", "futures_rest", "admin"]
+        client = await connect(urls["futures_ws"] + "/public/ws/btcusdt@depth@100ms")
+        event = await client.recv(timeout=5)
+        assert event["e"] == "depthUpdate" and "pu" in event
+        status, info, _h = await get_json(urls["spot_rest"] + "/api/v3/exchangeInfo")
+        assert status == 200 and [s["symbol"] for s in info["symbols"]] == ["BTCUSDT", "ETHUSDT"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert proc.stdout.read() == ""  # exactly one line on stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_arguments_fail_fast_with_a_clear_message() -> None:
+    for args, needle in (
+        (["--faults", "explode@1s"], "unknown fault kind"),
+        (["--markets", "options"], "expected a comma list"),
+        (["--symbols", "btc-usdt"], "upper-case"),
+        (["--replay", "/nonexistent/file"], "does not exist"),
+    ):
+        r = subprocess.run([sys.executable, "-m", "ingestor.cli", "simulate", *args],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0, args
+        assert needle in r.stderr, (args, r.stderr)
+        assert r.stdout == ""
