@@ -45,3 +45,35 @@ def test_bad_arguments_fail_fast_with_a_clear_message() -> None:
         assert r.returncode != 0, args
         assert needle in r.stderr, (args, r.stderr)
         assert r.stdout == ""
+
+
+async def test_workers_share_the_ports_and_publish_the_same_sequence() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingestor.cli", "simulate", "--n-symbols", "2", "--workers", "2",
+         "--markets", "futures", "--rate", "300"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        urls = json.loads(proc.stdout.readline())
+        assert "spot_ws" not in urls
+        clients = [await connect(urls["futures_ws"] + "/market/ws/btcusdt@aggTrade") for _ in range(6)]
+        seqs = []
+        for c in clients:
+            seqs.append({(e["a"], e["p"], e["q"]) for e in [await c.recv(timeout=10) for _ in range(40)]})
+        # Every process runs the same seeded model from the same start: where two
+        # connections saw the same trade id, they saw the same trade.
+        common = set.intersection(*seqs)
+        assert common, "connections saw disjoint id ranges"
+        by_id: dict[int, tuple[str, str]] = {}
+        for seq in seqs:
+            for a, p, q in seq:
+                assert by_id.setdefault(a, (p, q)) == (p, q)
+        port = urls["futures_ws"].rsplit(":", 1)[1]
+        listeners = subprocess.run(["ss", "-Htln", f"sport = :{port}"], capture_output=True, text=True)
+        assert len(listeners.stdout.splitlines()) == 2, listeners.stdout  # two processes, one port
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

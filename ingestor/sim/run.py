@@ -21,8 +21,10 @@ from ingestor.sim.server import SimConfig, Simulator
 
 log = logging.getLogger(__name__)
 
+READY_TIMEOUT_S = 30.0
 
-def _child(config: SimConfig, start_ms: int) -> None:
+
+def _child(config: SimConfig, start_ms: int, ready: Any) -> None:
     import uvloop
 
     async def main() -> None:
@@ -31,7 +33,12 @@ def _child(config: SimConfig, start_ms: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await sim.start(start_ms)
+        try:
+            await sim.start(start_ms)
+        except Exception as exc:
+            ready.put(f"worker failed to start: {exc!r}")
+            raise
+        ready.put("ok")
         try:
             await stop.wait()
         finally:
@@ -55,10 +62,17 @@ async def run_simulator(config: SimConfig, workers: int, ready: Callable[[dict[s
             ports = {m: int(sim.urls[f"{m}_ws"].rsplit(":", 1)[1]) for m in sim.markets}
             child_cfg = replace(config, ws_only=True, ws_ports=ports, faults=())
             ctx = mp.get_context("spawn")
+            started = ctx.Queue()
             for _ in range(workers - 1):
-                proc = ctx.Process(target=_child, args=(child_cfg, start_ms), daemon=True)
+                proc = ctx.Process(target=_child, args=(child_cfg, start_ms, started), daemon=True)
                 proc.start()
                 children.append(proc)
+            # Announce only when every worker listens, so no client lands on one process
+            # just because the others were still importing.
+            for _ in children:
+                status = await loop.run_in_executor(None, started.get, True, READY_TIMEOUT_S)
+                if status != "ok":
+                    raise RuntimeError(status)
         ready(sim.urls)
         await stop.wait()
     finally:
