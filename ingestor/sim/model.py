@@ -124,6 +124,8 @@ class MarketModel:
         self.rng = random.Random(f"{seed}:{market}")
         self.books = {s.symbol: Book(s, market, params.book_levels, self.rng) for s in symbols}
         self.t = start_ms - start_ms % 1000
+        for book in self.books.values():
+            book.last_change_ms = self.t  # USD-M snapshots carry T from the start
         self.panic_until = 0
         self.panic_side = "SELL"
         self.futures = market == "futures"

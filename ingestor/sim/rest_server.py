@@ -117,17 +117,23 @@ class RestApi:
         return _json(orjson.dumps({"serverTime": int(time.time() * 1000)}))
 
     async def _exchange_info(self, request: web.Request) -> web.Response:
-        return _json(self.exchange_info())
+        # Advertise the budget actually enforced (SimConfig.weight_limit), not the default.
+        body = orjson.loads(self.exchange_info())
+        for rule in body.get("rateLimits", ()):
+            if rule.get("rateLimitType") == "REQUEST_WEIGHT":
+                rule["limit"] = self.budget.limit
+        return _json(orjson.dumps(body))
 
     def _weight(self, request: web.Request) -> int:
         path = request.path.rsplit("/", 1)[-1]
         q = request.query
         spot = self.market == "spot"
         if path == "depth":
+            default = 100 if spot else 500  # as _depth: absent or empty means the default
             try:
-                limit = int(q.get("limit", "100" if spot else "500"))
+                limit = int(q.get("limit") or default)
             except ValueError:
-                limit = 100
+                limit = default
             return depth_weight(self.market, limit)
         if path == "aggTrades":
             return 4 if spot else 20
@@ -236,7 +242,7 @@ class RestApi:
         from_id = self._int(request, "fromId")
         start = self._int(request, "startTime")
         end = self._int(request, "endTime")
-        if start is not None and end is not None and end - start > 3_600_000:
+        if start is not None and end is not None and end - start >= 3_600_000:
             raise ApiError(400, -1127, "More than 1 hours between startTime and endTime.")
         return _json(self.model.agg_trades(symbol, from_id, start, end, limit))
 

@@ -166,8 +166,10 @@ class Simulator:
                 model.advance_to(target)
                 hub.flush()
             self.model_lag_ms = max(0, target - models[0][0].t) if models else 0
-            await asyncio.sleep(max(0.0, (models[0][0].t + STEP_MS - time.time() * 1000) / 1000)
-                                if models else 1.0)
+            if not models or (self.paused_at is not None and models[0][0].t >= self.paused_at):
+                await asyncio.sleep(0.01)  # paused: idle instead of spinning on a 0 s sleep
+                continue
+            await asyncio.sleep(max(0.0, (models[0][0].t + STEP_MS - time.time() * 1000) / 1000))
 
     async def _housekeeping(self) -> None:
         while True:

@@ -80,6 +80,7 @@ class Connection(WSListener):
         self.unanswered_since: float | None = None
         self.incoming: deque[float] = deque()
         self.peer = ""
+        self.closing = False  # a close frame was sent: ignore what the client still sends
 
     # picows callbacks ---------------------------------------------------------------
 
@@ -96,6 +97,8 @@ class Connection(WSListener):
         self.server.closed_total += 1
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if self.closing:
+            return
         msg_type = frame.msg_type
         if msg_type == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
@@ -129,7 +132,8 @@ class Connection(WSListener):
         return True
 
     def close(self, code: WSCloseCode, reason: bytes = b"") -> None:
-        if self.transport is not None and not self.transport.is_disconnected:
+        if self.transport is not None and not self.transport.is_disconnected and not self.closing:
+            self.closing = True
             self.flush()
             self.transport.send_close(code, reason)
             self.transport.disconnect()
@@ -223,7 +227,7 @@ class Connection(WSListener):
                 del self.subs[n]
             self.server.hub.unsubscribe(self, names)
             return orjson.dumps({"result": None, "id": req_id})
-        new = [s for s in specs if s.name not in self.subs]
+        new = list({s.name: s for s in specs if s.name not in self.subs}.values())
         limit = self.server.limits.max_streams
         if len(self.subs) + len(new) > limit:
             return _error(2, f"Invalid request: too many streams (at most {limit} per connection)",
@@ -266,6 +270,7 @@ class WsServer:
         else:
             combined = True
             names = [n for n in parse_qs(rest).get("streams", [""])[0].split("/") if n]
+        names = list(dict.fromkeys(names))  # a repeated name is one subscription
         try:
             specs = [self.parse(n) for n in names]
         except StreamNameError as exc:
