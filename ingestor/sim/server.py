@@ -28,6 +28,8 @@ from ingestor.sim.ws_server import WsServer
 
 log = logging.getLogger(__name__)
 
+MAX_CATCHUP_MS = 10 * STEP_MS
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -162,12 +164,19 @@ class Simulator:
         while True:
             now = int(time.time() * 1000)
             target = now if self.paused_at is None else min(now, self.paused_at)
+            behind = False
             for model, hub in models:
-                model.advance_to(target)
+                # Catch up a bounded slice per pass: a model slower than real time must
+                # not starve accepts, the admin API and signal handling.
+                model.advance_to(min(target, model.t + MAX_CATCHUP_MS))
                 hub.flush()
+                behind |= model.t + STEP_MS <= target
             self.model_lag_ms = max(0, target - models[0][0].t) if models else 0
             if not models or (self.paused_at is not None and models[0][0].t >= self.paused_at):
                 await asyncio.sleep(0.01)  # paused: idle instead of spinning on a 0 s sleep
+                continue
+            if behind:
+                await asyncio.sleep(0)
                 continue
             await asyncio.sleep(max(0.0, (models[0][0].t + STEP_MS - time.time() * 1000) / 1000))
 

@@ -1,0 +1,82 @@
+"""``python -m benchmarks {sim,all} [--quick] [--out DIR]``: run suites, write a report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import machine_info, markdown, write_report
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def _sim(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import sim_throughput
+
+    return sim_throughput.run(args.quick, rate=getattr(args, "rate", None),
+                              connections=getattr(args, "connections", None),
+                              runs=getattr(args, "runs", None), window=getattr(args, "window", None))
+
+
+# Every suite, in the order ``all`` runs them.
+SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "sim": _sim,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quick", action="store_true", help="fewer and shorter runs (CI smoke)")
+    common.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"report directory (default: {DEFAULT_OUT})")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="suite", required=True)
+    sim = sub.add_parser("sim", parents=[common], help="simulator push throughput")
+    sim.add_argument("--rate", type=float, default=None, help="--rate of the simulator (default 60000)")
+    sim.add_argument("--connections", type=int, default=None, help="client connections (default 4)")
+    sim.add_argument("--runs", type=int, default=None, help="runs per configuration (quick 3, full 5)")
+    sim.add_argument("--window", type=float, default=None, help="counting window, s (quick 5, full 10)")
+    sub.add_parser("all", parents=[common], help="every suite")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = list(SUITES) if args.suite == "all" else [args.suite]
+    started = time.time()
+    report: dict[str, Any] = {
+        "name": args.suite,
+        "command": "python -m benchmarks " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "quick": args.quick,
+        "started_unix": started,
+        "started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+        "machine": machine_info(),
+        "suites": [],
+    }
+    failed = False
+    for name in names:
+        print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        try:
+            result = SUITES[name](args)
+        except Exception:  # noqa: BLE001 - one failing suite must not lose the others
+            failed = True
+            result = {"suite": name, "metrics": [], "error": traceback.format_exc()}
+        result["wall_s"] = time.monotonic() - t0
+        report["suites"].append(result)
+        print(f"[benchmarks] {name} done in {result['wall_s']:.1f} s", file=sys.stderr, flush=True)
+    report["wall_s"] = time.time() - started
+    json_path, md_path = write_report(args.out, report)
+    sys.stdout.write(markdown(report))
+    print(f"[benchmarks] wrote {json_path} and {md_path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
