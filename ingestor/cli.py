@@ -47,11 +47,15 @@ def main(log_level: str) -> None:
               help="recorded messages to play instead of the synthetic market (repeatable)")
 @click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(0),
               help="replay pace multiplier; 0 = as fast as possible")
+@click.option("--panic-every", default=120.0, show_default=True, type=click.FloatRange(0.1),
+              help="mean seconds between panic regimes (x4 activity, directional)")
+@click.option("--cascade-every", default=60.0, show_default=True, type=click.FloatRange(0.1),
+              help="mean seconds between liquidation cascades per symbol (futures)")
 @click.option("--max-lifetime", default=86400.0, show_default=True, type=click.FloatRange(0.1),
               help="seconds before the server closes a connection (Binance: 24 h)")
 def simulate(host: str, port: int, markets: str, symbols: str | None, n_symbols: int, rate: float,
              seed: int, workers: int, faults: str, replay: tuple[str, ...], speed: float,
-             max_lifetime: float) -> None:
+             panic_every: float, cascade_every: float, max_lifetime: float) -> None:
     """Serve Binance's WebSocket and REST protocols on loopback.
 
     Prints one JSON line with the base URLs when ready; runs until SIGINT/SIGTERM.
@@ -68,7 +72,8 @@ def simulate(host: str, port: int, markets: str, symbols: str | None, n_symbols:
     sym = tuple(s.strip().upper() for s in symbols.split(",") if s.strip()) if symbols else None
     limits = {m: replace(lim, max_lifetime_s=max_lifetime) for m, lim in DEFAULT_LIMITS.items()}
     config = SimConfig(host=host, port=port, markets=_markets(markets), symbols=sym,
-                       n_symbols=n_symbols, seed=seed, model=ModelParams(rate=rate),
+                       n_symbols=n_symbols, seed=seed, model=ModelParams(rate=rate, panic_every_s=panic_every,
+                                                           cascade_every_s=cascade_every),
                        limits=limits, faults=fault_list, replay=replay, speed=speed,
                        reuse_port=workers > 1)
     import uvloop

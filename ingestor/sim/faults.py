@@ -6,8 +6,9 @@ Spec grammar (comma-separated items)::
 
 ``AT`` and ``EVERY`` are durations since start (``5s``, ``250ms``, ``2m``). Keys:
 ``market`` (spot|futures), ``symbol`` (BTCUSDT), ``count`` (events or requests
-affected, default 1), ``duration`` (seconds, for stall and rest_slow; 0 = until
-cleared), ``delay`` (ms, for rest_slow).
+affected, default 1), ``duration`` (seconds, for stall; 0 = until the connection
+closes), ``delay`` (ms, for rest_slow). REST faults apply to the market's next
+``count`` requests whatever their symbol.
 
 Example: ``drop@5s/30s:market=futures,gap@10s:symbol=BTCUSDT:count=2,rest_429@20s:count=3``
 """
