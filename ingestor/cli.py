@@ -71,11 +71,10 @@ def simulate(host: str, port: int, markets: str, symbols: str | None, n_symbols:
         raise click.BadParameter(str(exc), param_hint="--faults") from None
     sym = tuple(s.strip().upper() for s in symbols.split(",") if s.strip()) if symbols else None
     limits = {m: replace(lim, max_lifetime_s=max_lifetime) for m, lim in DEFAULT_LIMITS.items()}
+    params = ModelParams(rate=rate, panic_every_s=panic_every, cascade_every_s=cascade_every)
     config = SimConfig(host=host, port=port, markets=_markets(markets), symbols=sym,
-                       n_symbols=n_symbols, seed=seed, model=ModelParams(rate=rate, panic_every_s=panic_every,
-                                                           cascade_every_s=cascade_every),
-                       limits=limits, faults=fault_list, replay=replay, speed=speed,
-                       reuse_port=workers > 1)
+                       n_symbols=n_symbols, seed=seed, model=params, limits=limits,
+                       faults=fault_list, replay=replay, speed=speed, reuse_port=workers > 1)
     import uvloop
 
     from ingestor.sim.run import run_simulator

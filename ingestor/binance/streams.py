@@ -176,8 +176,3 @@ def split_ws_path(path: str, market: Market) -> tuple[Route, str, str] | None:
         return route, "stream", query
     return None
 
-
-def stream_names_for(market: Market, symbol: str, kinds: tuple[str, ...]) -> list[str]:
-    """Build stream names for one symbol, e.g. kinds=("aggTrade", "depth@100ms")."""
-    low = symbol.lower()
-    return [f"{low}@{k}" for k in kinds]

@@ -49,19 +49,22 @@ def _futures_symbol(s: SymbolSpec, status: str) -> dict[str, object]:
     }
 
 
-def exchange_info(market: Market, symbols: tuple[SymbolSpec, ...], halted: tuple[str, ...] = ()) -> bytes:
+def exchange_info(
+    market: Market, symbols: tuple[SymbolSpec, ...], weight_limit: int, halted: tuple[str, ...] = ()
+) -> bytes:
     """Every simulated symbol as TRADING, plus ``halted`` ones listed with status BREAK
-    (they have no streams), so clients can practise filtering by status."""
+    (they have no streams), so clients can practise filtering by status. ``weight_limit``
+    is the per-minute budget the REST server enforces."""
     now = int(time.time() * 1000)
     if market == "spot":
         limits = [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1,
-                   "limit": 6000}]
+                   "limit": weight_limit}]
         body: dict[str, object] = {"timezone": "UTC", "serverTime": now, "rateLimits": limits,
                                    "exchangeFilters": []}
         make = _spot_symbol
     else:
         limits = [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1,
-                   "limit": 2400}]
+                   "limit": weight_limit}]
         body = {"timezone": "UTC", "serverTime": now, "futuresType": "U_MARGINED",
                 "rateLimits": limits, "exchangeFilters": [], "assets": []}
         make = _futures_symbol

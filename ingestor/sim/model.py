@@ -129,7 +129,6 @@ class MarketModel:
         self.panic_until = 0
         self.panic_side = "SELL"
         self.futures = market == "futures"
-        self.price_out = (lambda s: 8) if not self.futures else (lambda s: s.price_dp)
         self.emit: Emit = lambda name, payload, seq: None
         self.wants: Wants = lambda name: False
 
@@ -177,7 +176,7 @@ class MarketModel:
             for _ in range(n_changes):
                 self._maker(book, t)
             if self.futures:
-                self._liquidations(book, t, dt, mult)
+                self._liquidations(book, t, dt)
             if t % 1000 == 0:
                 self._keep_depth(book, t)
         for speed in DEPTH_SPEEDS[self.market].values():
@@ -300,7 +299,7 @@ class MarketModel:
         else:
             book.set_level(side, tick, _rand_qty(rng, book.spec, off), self._next_uid(book), t)
 
-    def _liquidations(self, book: Book, t: int, dt: float, mult: float) -> None:
+    def _liquidations(self, book: Book, t: int, dt: float) -> None:
         rng = self.rng
         rate = 1.0 / self.params.cascade_every_s * (5.0 if self.panic else 1.0)
         if not book.liq_queue and rng.random() < rate * dt * (0.3 + book.spec.weight):

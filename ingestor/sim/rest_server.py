@@ -28,6 +28,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WEIGHT_LIMIT: dict[Market, int] = {"spot": 6000, "futures": 2400}
 PREFIX: dict[Market, str] = {"spot": "/api/v3", "futures": "/fapi/v1"}
 FUTURES_DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
+DEPTH_DEFAULT_LIMIT: dict[Market, int] = {"spot": 100, "futures": 500}
 
 
 def depth_weight(market: Market, limit: int) -> int:
@@ -117,19 +118,14 @@ class RestApi:
         return _json(orjson.dumps({"serverTime": int(time.time() * 1000)}))
 
     async def _exchange_info(self, request: web.Request) -> web.Response:
-        # Advertise the budget actually enforced (SimConfig.weight_limit), not the default.
-        body = orjson.loads(self.exchange_info())
-        for rule in body.get("rateLimits", ()):
-            if rule.get("rateLimitType") == "REQUEST_WEIGHT":
-                rule["limit"] = self.budget.limit
-        return _json(orjson.dumps(body))
+        return _json(self.exchange_info())
 
     def _weight(self, request: web.Request) -> int:
         path = request.path.rsplit("/", 1)[-1]
         q = request.query
         spot = self.market == "spot"
         if path == "depth":
-            default = 100 if spot else 500  # as _depth: absent or empty means the default
+            default = DEPTH_DEFAULT_LIMIT[self.market]  # absent or empty: the default
             try:
                 limit = int(q.get("limit") or default)
             except ValueError:
@@ -219,7 +215,7 @@ class RestApi:
     async def _depth(self, request: web.Request) -> web.Response:
         symbol = self._symbol(request)
         spot = self.market == "spot"
-        limit = self._int(request, "limit", 100 if spot else 500)
+        limit = self._int(request, "limit", DEPTH_DEFAULT_LIMIT[self.market])
         assert limit is not None
         if spot:
             if limit < 1:

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ingestor.binance.streams import DEFAULT_LIMITS, MARKETS, Market, MarketLimits, StreamSpec
+from ingestor.binance.streams import DEFAULT_LIMITS, MARKETS, Market, MarketLimits
 from ingestor.sim.exchange_info import exchange_info
 from ingestor.sim.faults import Fault, FaultSpecError
 from ingestor.sim.hub import Hub
@@ -101,7 +101,7 @@ class Simulator:
             model.wants, model.emit = hub.wants, hub.emit
             ws = WsServer(hub, cfg.limits[market], self._extra_streams(market))
             budget = WeightBudget(cfg.weight_limit[market], ban_s=cfg.ban_s)
-            rest = RestApi(model, budget, partial(exchange_info, market, universe, cfg.halted),
+            rest = RestApi(model, budget, partial(exchange_info, market, universe, budget.limit, cfg.halted),
                            self.replay.snapshot_for(market) if self.replay else None)
             self.markets[market] = MarketRuntime(model, hub, ws, rest)
             want = cfg.ws_ports[market] if cfg.ws_ports else self._port(i)
@@ -315,5 +315,3 @@ def _bad_frame(kind: str, conn: Any, now_ms: int) -> bytes:
         return b'{"stream":"' + next(iter(conn.subs)).encode() + b'","data":' + event + b"}"
     return event
 
-
-__all__ = ["SimConfig", "Simulator", "StreamSpec"]
