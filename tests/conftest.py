@@ -61,18 +61,24 @@ class Client(WSListener):
                     return msg
 
 
-async def connect(url: str, **kw: Any) -> Client:
-    _, client = await ws_connect(Client, url, **kw)
-    return client  # type: ignore[return-value]
+# Every await in the tests is bounded, so a broken server fails a test instead of hanging it.
+CONNECT_TIMEOUT_S = 5.0
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=15)  # /pause may take up to 5 s by design
+
+
+async def connect(url: str, factory: Any = Client, **kw: Any) -> Any:
+    _, client = await asyncio.wait_for(ws_connect(factory, url, **kw), CONNECT_TIMEOUT_S)
+    return client
 
 
 async def get_json(url: str, **params: Any) -> tuple[int, Any, dict[str, str]]:
-    async with aiohttp.ClientSession() as s, s.get(url, params=params) as r:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as s, s.get(url, params=params) as r:
         return r.status, orjson.loads(await r.read()), dict(r.headers)
 
 
 async def post_json(url: str, body: Any = None) -> Any:
-    async with aiohttp.ClientSession() as s, s.post(url, data=orjson.dumps(body)) as r:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as s, \
+            s.post(url, data=orjson.dumps(body)) as r:
         return orjson.loads(await r.read())
 
 

@@ -12,13 +12,15 @@ from typing import Any
 
 import orjson
 import pytest
-from picows import WSCloseCode, WSFrame, WSInvalidStatusError, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSFrame, WSInvalidStatusError, WSMsgType, WSTransport
 
 from ingestor.binance.streams import DEFAULT_LIMITS, MarketLimits
 from ingestor.sim.faults import parse_faults
 from ingestor.sim.server import SimConfig, Simulator
 
-from .conftest import Client, get_json, post_json
+from .conftest import Client, connect
+from .conftest import get_json as get
+from .conftest import post_json as post
 
 T = 5.0  # bound for any single await
 
@@ -53,19 +55,6 @@ class Probe(Client):
         super().on_ws_frame(transport, frame)
 
 
-async def connect(url: str, factory: Any = Client, **kw: Any) -> Any:
-    _, client = await asyncio.wait_for(ws_connect(factory, url, **kw), T)
-    return client
-
-
-async def get(url: str, **params: Any) -> tuple[int, Any, dict[str, str]]:
-    return await asyncio.wait_for(get_json(url, **params), T)
-
-
-async def post(url: str, body: Any = None) -> Any:
-    return await asyncio.wait_for(post_json(url, body), T + 5)
-
-
 async def stats(sim: Simulator) -> dict[str, Any]:
     status, body, _ = await get(sim.urls["admin"] + "/stats")
     assert status == 200
@@ -74,14 +63,7 @@ async def stats(sim: Simulator) -> dict[str, Any]:
 
 async def collect(client: Client, seconds: float) -> list[Any]:
     """Every frame (parsed) that arrives within ``seconds``."""
-    out = []
-    end = time.monotonic() + seconds
-    while (left := end - time.monotonic()) > 0:
-        try:
-            out.append(await client.recv(left))
-        except TimeoutError:
-            break
-    return out
+    return [orjson.loads(raw) for raw in await collect_raw(client, seconds)]
 
 
 async def collect_raw(client: Client, seconds: float) -> list[bytes]:
