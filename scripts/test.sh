@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
+# The database tests run on both backends: the machine's PostgreSQL with TimescaleDB
+# (installed here, a quick no-op once done) and an embedded plain PostgreSQL.
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
+fi
+bash scripts/install_timescaledb.sh
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,8 @@ import pytest
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from ingestor.sim.server import SimConfig, Simulator
+
+from .databases import BACKENDS, Servers, check_backend, create_database, drop_database
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 DOCS_DATA = Path(__file__).resolve().parent / "data" / "binance_docs"
@@ -88,3 +90,20 @@ async def sim(request: pytest.FixtureRequest) -> AsyncIterator[Simulator]:
     config = getattr(request, "param", None) or SimConfig(n_symbols=3)
     async with Simulator(config) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def pg_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    servers = Servers(tmp_path_factory.mktemp("embedded"))
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+async def db_dsn(request: pytest.FixtureRequest, pg_servers: Servers) -> AsyncIterator[str]:
+    """A fresh, migrated database on each backend (TimescaleDB, plain PostgreSQL)."""
+    admin = pg_servers.admin_dsn(request.param)
+    dsn = await create_database(admin)
+    await check_backend(dsn, request.param)
+    yield dsn
+    await drop_database(admin, dsn)

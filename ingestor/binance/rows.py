@@ -1,0 +1,107 @@
+"""Binance messages to PostgreSQL binary COPY tuples, as pure functions.
+
+One function per table takes the parsed message (for the fields that become columns)
+and the message's own JSON bytes (stored as the ``jsonb`` payload) and returns one
+encoded tuple. ``TABLES`` names each table's columns in tuple order; the writer COPYs
+with exactly these column lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ingestor.binance.streams import Market
+from ingestor.writer import copy_binary as cb
+
+TABLES: dict[str, tuple[str, ...]] = {
+    "agg_trades": ("market", "event_time", "symbol", "aggregate_trade_id", "payload"),
+    "depth_updates": ("market", "event_time", "symbol", "first_update_id", "final_update_id", "payload"),
+    "mark_prices": ("market", "event_time", "symbol", "payload"),
+    "force_orders": ("market", "event_time", "transaction_time", "symbol", "side", "quantity", "payload"),
+    "open_interest": ("market", "time", "symbol", "open_interest", "payload"),
+    "depth_snapshots": ("market", "time", "symbol", "market_type", "payload"),
+    "stream_gaps": (
+        "market", "symbol", "stream", "from_id", "to_id", "from_time", "to_time", "detected_at", "closed_how",
+    ),
+}
+
+# Each table's time column: the one batches report their event-to-commit lag by.
+TIME_COLUMN: dict[str, str] = {t: ("time" if "time" in c else "event_time") for t, c in TABLES.items()}
+TIME_COLUMN["stream_gaps"] = "detected_at"
+
+_HEAD = {t: cb.tuple_header(len(c)) for t, c in TABLES.items()}
+MARKET_FIELD: dict[Market, bytes] = {"spot": cb.text("spot"), "futures": cb.text("futures")}
+
+# Symbols repeat on every row; their encoded form is cached (a few thousand at most).
+_symbol_cache: dict[str, bytes] = {}
+
+
+def symbol_field(symbol: str) -> bytes:
+    enc = _symbol_cache.get(symbol)
+    if enc is None:
+        if len(_symbol_cache) > 100_000:  # hostile input must not grow this without bound
+            _symbol_cache.clear()
+        enc = _symbol_cache[symbol] = cb.text(symbol)
+    return enc
+
+
+def agg_trade(market: Market, msg: dict[str, Any], payload: bytes) -> bytes:
+    return b"".join((
+        _HEAD["agg_trades"], MARKET_FIELD[market], cb.timestamptz_ms(msg["E"]), symbol_field(msg["s"]),
+        cb.int8(msg["a"]), cb.jsonb(payload),
+    ))
+
+
+def depth_update(market: Market, msg: dict[str, Any], payload: bytes) -> bytes:
+    return b"".join((
+        _HEAD["depth_updates"], MARKET_FIELD[market], cb.timestamptz_ms(msg["E"]), symbol_field(msg["s"]),
+        cb.int8(msg["U"]), cb.int8(msg["u"]), cb.jsonb(payload),
+    ))
+
+
+def mark_price(market: Market, msg: dict[str, Any], payload: bytes) -> bytes:
+    return b"".join((
+        _HEAD["mark_prices"], MARKET_FIELD[market], cb.timestamptz_ms(msg["E"]), symbol_field(msg["s"]),
+        cb.jsonb(payload),
+    ))
+
+
+def force_order(market: Market, msg: dict[str, Any], payload: bytes) -> bytes:
+    order = msg["o"]
+    return b"".join((
+        _HEAD["force_orders"], MARKET_FIELD[market], cb.timestamptz_ms(msg["E"]), cb.timestamptz_ms(order["T"]),
+        symbol_field(order["s"]), cb.text(order["S"]), cb.numeric(order["q"]), cb.jsonb(payload),
+    ))
+
+
+def open_interest(market: Market, msg: dict[str, Any], payload: bytes) -> bytes:
+    return b"".join((
+        _HEAD["open_interest"], MARKET_FIELD[market], cb.timestamptz_ms(msg["time"]), symbol_field(msg["symbol"]),
+        cb.numeric(msg["openInterest"]), cb.jsonb(payload),
+    ))
+
+
+def depth_snapshot(market: Market, symbol: str, time_ms: int, payload: bytes) -> bytes:
+    """A REST depth snapshot. Spot replies carry no time, so ``time_ms`` is the caller's:
+    the Futures reply's ``T`` where there is one, else when the reply arrived."""
+    return b"".join((
+        _HEAD["depth_snapshots"], MARKET_FIELD[market], cb.timestamptz_ms(time_ms), symbol_field(symbol),
+        MARKET_FIELD[market], cb.jsonb(payload),
+    ))
+
+
+def stream_gap(
+    market: Market, symbol: str, stream: str, from_id: int | None, to_id: int | None,
+    from_ms: int | None, to_ms: int | None, detected_ms: int, closed_how: str = "open",
+) -> bytes:
+    def opt_int(v: int | None) -> bytes:
+        return cb.NULL if v is None else cb.int8(v)
+
+    def opt_ts(v: int | None) -> bytes:
+        return cb.NULL if v is None else cb.timestamptz_ms(v)
+
+    return b"".join((
+        _HEAD["stream_gaps"], MARKET_FIELD[market], symbol_field(symbol), cb.text(stream),
+        opt_int(from_id), opt_int(to_id), opt_ts(from_ms), opt_ts(to_ms), cb.timestamptz_ms(detected_ms),
+        cb.text(closed_how),
+    ))

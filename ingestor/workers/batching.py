@@ -1,0 +1,75 @@
+"""Per-table batches of encoded COPY tuples, handed on by size or by age."""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Batch:
+    """Encoded COPY tuples for one table, and each row's event time (for lag)."""
+
+    table: str
+    rows: int
+    data: bytes
+    event_ms: bytes  # array('q') of event times in Unix ms, one per row
+    producer: str = ""
+
+
+@dataclass(slots=True)
+class _Pending:
+    parts: list[bytes] = field(default_factory=list)
+    event_ms: array = field(default_factory=lambda: array("q"))
+    started: float = 0.0
+
+
+class Batcher:
+    def __init__(
+        self,
+        sink: Callable[[Batch], None],
+        *,
+        batch_rows: int = 5000,
+        batch_age_s: float = 0.2,
+        producer: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sink = sink
+        self.batch_rows = batch_rows
+        self.batch_age_s = batch_age_s
+        self.producer = producer
+        self.clock = clock
+        self.pending: dict[str, _Pending] = {}
+        self.sent_rows: dict[str, int] = {}
+        self.sent_batches = 0
+
+    def add(self, table: str, row: bytes, event_ms: int) -> None:
+        p = self.pending.get(table)
+        if p is None:
+            p = self.pending[table] = _Pending(started=self.clock())
+        elif not p.parts:
+            p.started = self.clock()
+        p.parts.append(row)
+        p.event_ms.append(event_ms)
+        if len(p.parts) >= self.batch_rows:
+            self._emit(table, p)
+
+    def flush(self, force: bool = False) -> None:
+        """Hand over every batch older than the age limit (all of them if ``force``)."""
+        now = self.clock()
+        for table, p in self.pending.items():
+            if p.parts and (force or now - p.started >= self.batch_age_s):
+                self._emit(table, p)
+
+    def pending_rows(self) -> int:
+        return sum(len(p.parts) for p in self.pending.values())
+
+    def _emit(self, table: str, p: _Pending) -> None:
+        batch = Batch(table, len(p.parts), b"".join(p.parts), p.event_ms.tobytes(), self.producer)
+        self.sent_rows[table] = self.sent_rows.get(table, 0) + batch.rows
+        self.sent_batches += 1
+        p.parts = []
+        p.event_ms = array("q")
+        self.sink(batch)

@@ -1,0 +1,190 @@
+"""The socket worker's frame path, without I/O: parse, check sequence, encode, batch.
+
+``FrameHandler`` takes WebSocket text frames (combined-stream envelopes or raw-stream
+payloads), turns each known event into a COPY tuple for its table, and hands complete
+batches to its ``Batcher``. Anything it cannot use is counted by reason and skipped: input never
+raises out of here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from ingestor.binance import rows
+from ingestor.binance.sequence import Gap, SequenceTracker
+from ingestor.binance.streams import Market
+from ingestor.workers.batching import Batch, Batcher
+from ingestor.writer.copy_binary import EncodeError
+
+log = logging.getLogger(__name__)
+
+_ENVELOPE_HEAD = b'{"stream":"'
+_DATA_KEY = b'","data":'
+
+
+def split_envelope(frame: bytes) -> tuple[str, bytes] | None:
+    """``{"stream":"<name>","data":<payload>}`` -> (name, payload bytes), cut, not re-serialized.
+
+    Binance writes the stream name first and the payload last; anything else is None.
+    """
+    if not frame.startswith(_ENVELOPE_HEAD):
+        return None
+    end = frame.find(_DATA_KEY, len(_ENVELOPE_HEAD))
+    if end < 0:
+        return None
+    body = frame.rstrip()
+    if not body.endswith(b"}"):
+        return None
+    payload = body[end + len(_DATA_KEY) : -1].strip()
+    if not payload or payload[:1] not in (b"{", b"["):
+        return None
+    return frame[len(_ENVELOPE_HEAD) : end].decode(), payload
+
+
+class FrameHandler:
+    def __init__(
+        self,
+        market: Market,
+        out: Batcher | Callable[[Batch], None],
+        *,
+        symbols: frozenset[str] | None = None,
+        batch_rows: int = 5000,
+        batch_age_s: float = 0.2,
+        on_gap: Callable[[Market, Gap], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.market = market
+        # A plain callable gets a Batcher of its own (tests, replays); the socket worker
+        # passes the Batcher it shares between markets.
+        self.batcher = out if isinstance(out, Batcher) else Batcher(out, batch_rows=batch_rows,
+                                                                  batch_age_s=batch_age_s, clock=clock)
+        batcher = self.batcher
+        self._add = batcher.add
+        self.symbols = symbols  # None: keep every symbol (all-market arrays included)
+        self.on_gap = on_gap
+        self.clock = clock
+        self.seq = SequenceTracker()
+        self.messages: dict[str, int] = {}  # event type -> count
+        self.rejected: dict[str, int] = {}  # reason -> count
+        self.stale = 0  # events at or behind the last seen id: not stored twice
+        self.gaps: list[Gap] = []
+        self.bytes_in = 0
+        self.last_reject_log = 0.0
+
+    # -- input ----------------------------------------------------------------------
+
+    def on_frame(self, frame: bytes) -> None:
+        """A combined-stream frame (the connection was opened on ``/stream``)."""
+        self.bytes_in += len(frame)
+        parts = split_envelope(frame)
+        if parts is None:
+            self._reject("envelope", frame)
+            return
+        self._on_payload(parts[1], frame)
+
+    def on_payload(self, payload: bytes) -> None:
+        """A raw-stream message (``/ws`` connection, or a recorded message)."""
+        self.bytes_in += len(payload)
+        self._on_payload(payload, payload)
+
+    def _on_payload(self, payload: bytes, frame: bytes) -> None:
+        try:
+            msg = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            self._reject("json", frame)
+            return
+        try:
+            if isinstance(msg, list):
+                self._on_array(msg)
+                return
+            kind = msg["e"]
+            if kind == "aggTrade":
+                self._agg_trade(msg, payload)
+            elif kind == "depthUpdate":
+                self._depth(msg, payload)
+            elif kind == "forceOrder":
+                self._force_order(msg, payload)
+            elif kind == "markPriceUpdate":
+                self._mark_price(msg, payload)
+            else:
+                self._reject("unknown_event", frame)
+        except (KeyError, TypeError, ValueError, EncodeError, OverflowError):
+            self._reject("fields", frame)
+
+    def _on_array(self, items: list[Any]) -> None:
+        # All-market arrays (``!markPrice@arr``): each element becomes its own row; its
+        # bytes are re-serialized because cutting them out of the array would mean a
+        # second JSON scanner. orjson writes the same values back.
+        for item in items:
+            if not isinstance(item, dict) or item.get("e") != "markPriceUpdate":
+                self._reject("unknown_event", orjson.dumps(item))
+                continue
+            self._mark_price(item, orjson.dumps(item))
+
+    # -- events ---------------------------------------------------------------------
+
+    def _count(self, kind: str) -> None:
+        self.messages[kind] = self.messages.get(kind, 0) + 1
+
+    def _wanted(self, symbol: str) -> bool:
+        return self.symbols is None or symbol in self.symbols
+
+    def _agg_trade(self, msg: dict[str, Any], payload: bytes) -> None:
+        self._count("aggTrade")
+        symbol, a, e_ms = msg["s"], msg["a"], msg["E"]
+        row = rows.agg_trade(self.market, msg, payload)  # encode first: bad fields keep no state
+        keep, gap = self.seq.trade(symbol, a, e_ms)
+        if gap is not None:
+            self._gap(gap)
+        if keep:
+            self._add("agg_trades", row, e_ms)
+        else:
+            self.stale += 1
+
+    def _depth(self, msg: dict[str, Any], payload: bytes) -> None:
+        self._count("depthUpdate")
+        e_ms = msg["E"]
+        row = rows.depth_update(self.market, msg, payload)
+        keep, gap = self.seq.depth(msg["s"], msg["U"], msg["u"], msg.get("pu"), e_ms)
+        if gap is not None:
+            self._gap(gap)
+        if keep:
+            self._add("depth_updates", row, e_ms)
+        else:
+            self.stale += 1
+
+    def _force_order(self, msg: dict[str, Any], payload: bytes) -> None:
+        self._count("forceOrder")
+        if self._wanted(msg["o"]["s"]):
+            self._add("force_orders", rows.force_order(self.market, msg, payload), msg["E"])
+
+    def _mark_price(self, msg: dict[str, Any], payload: bytes) -> None:
+        self._count("markPriceUpdate")
+        if self._wanted(msg["s"]):
+            self._add("mark_prices", rows.mark_price(self.market, msg, payload), msg["E"])
+
+    def _gap(self, gap: Gap) -> None:
+        self.gaps.append(gap)
+        now_ms = int(time.time() * 1000)
+        self._add("stream_gaps", rows.stream_gap(
+            self.market, gap.symbol, gap.stream, gap.from_id, gap.to_id, gap.from_ms, gap.to_ms, now_ms,
+        ), now_ms)
+        if self.on_gap is not None:
+            self.on_gap(self.market, gap)
+
+    def _reject(self, reason: str, frame: bytes) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        now = self.clock()
+        if now - self.last_reject_log >= 10.0:  # a hostile stream must not flood the log
+            self.last_reject_log = now
+            log.warning("%s: skipped a frame (%s; %d so far): %r", self.market, reason,
+                        sum(self.rejected.values()), frame[:200])
+
+
+    def flush(self, force: bool = False) -> None:
+        self.batcher.flush(force)
