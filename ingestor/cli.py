@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -11,6 +13,9 @@ import orjson
 from ingestor.binance.streams import MARKETS, Market
 from ingestor.sim.faults import FaultSpecError, parse_faults
 from ingestor.sim.model import ModelParams
+
+if TYPE_CHECKING:
+    from ingestor.config import Settings
 
 
 def _markets(text: str) -> tuple[Market, ...]:
@@ -22,12 +27,101 @@ def _markets(text: str) -> tuple[Market, ...]:
 
 
 @click.group()
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def main(log_level: str) -> None:
+@click.option("--log-level", default=None,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="overrides INGESTOR_LOG_LEVEL  [default: INFO]")
+@click.pass_context
+def main(ctx: click.Context, log_level: str | None) -> None:
     """Binance market-data recorder, exchange simulator and order-flow indicators."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"log_level": log_level}
+    logging.basicConfig(level=(log_level or "INFO").upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s supervisor %(name)s: %(message)s")
+
+
+def settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """One flag per Settings field (``--spot-ws-url``); unset flags leave the value to
+    the environment, ``.env`` or the default."""
+    from dataclasses import fields
+
+    from ingestor.config import Settings, env_name
+
+    for fld in reversed(fields(Settings)):
+        if fld.name == "log_level":
+            continue  # the group's --log-level
+        f = click.option("--" + fld.name.replace("_", "-"), fld.name, default=None, metavar="VALUE",
+                         help=f"{fld.metadata['help']}  [env {env_name(fld.name)}]")(f)
+    return f
+
+
+def build_settings(ctx: click.Context, flags: dict[str, Any]) -> Settings:
+    from ingestor.config import ConfigError, load_settings
+
+    flags = dict(flags, log_level=(ctx.obj or {}).get("log_level"))
+    try:
+        settings = load_settings(flags)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    logging.getLogger().setLevel(settings.log_level.upper())
+    return settings
+
+
+@main.command()
+@settings_options
+@click.pass_context
+def run(ctx: click.Context, **flags: Any) -> None:
+    """Record market data into PostgreSQL until SIGINT/SIGTERM (then drain and exit 0)."""
+    import uvloop
+
+    from ingestor.supervisor import StartupError, run_supervisor
+
+    settings = build_settings(ctx, flags)
+    try:
+        code = uvloop.run(run_supervisor(settings))
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.command()
+@settings_options
+@click.pass_context
+def migrate(ctx: click.Context, **flags: Any) -> None:
+    """Apply the schema migrations in sql/ and exit."""
+    import asyncio
+
+    from ingestor.supervisor import StartupError, open_database
+
+    settings = build_settings(ctx, flags)
+
+    async def go() -> None:
+        dsn, embedded = await open_database(settings)
+        if embedded is not None:
+            embedded.stop()
+
+    try:
+        asyncio.run(go())
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("schema up to date")
+
+
+@main.command("config")
+@settings_options
+@click.option("--json", "as_json", is_flag=True, help="one JSON object instead of a table")
+@click.pass_context
+def config_cmd(ctx: click.Context, as_json: bool, **flags: Any) -> None:
+    """Print the effective settings (flags > INGESTOR_* env > .env > defaults), secrets masked."""
+    from ingestor.config import env_name
+
+    settings = build_settings(ctx, flags)
+    values = settings.masked()
+    if as_json:
+        click.echo(orjson.dumps(values).decode())
+        return
+    width = max(len(env_name(k)) for k in values)
+    for key, value in values.items():
+        shown = "(embedded)" if key == "dsn" and value is None else value
+        click.echo(f"{env_name(key):<{width}}  {shown}")
 
 
 @main.command()

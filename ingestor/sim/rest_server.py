@@ -19,23 +19,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ingestor.binance.streams import Market
+from ingestor.binance.rest_limits import (
+    DEPTH_DEFAULT_LIMIT,
+    FUTURES_DEPTH_LIMITS,
+    PREFIX,
+    depth_weight,
+)
 from ingestor.sim.faults import Fault
 from ingestor.sim.model import MarketModel
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-WEIGHT_LIMIT: dict[Market, int] = {"spot": 6000, "futures": 2400}
-PREFIX: dict[Market, str] = {"spot": "/api/v3", "futures": "/fapi/v1"}
-FUTURES_DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
-DEPTH_DEFAULT_LIMIT: dict[Market, int] = {"spot": 100, "futures": 500}
-
-
-def depth_weight(market: Market, limit: int) -> int:
-    if market == "spot":  # 1-100: 5, 101-500: 25, 501-1000: 50, 1001-5000: 250
-        return 5 if limit <= 100 else 25 if limit <= 500 else 50 if limit <= 1000 else 250
-    return 2 if limit <= 50 else 5 if limit <= 100 else 10 if limit <= 500 else 20
-
 
 class ApiError(Exception):
     def __init__(self, status: int, code: int, msg: str) -> None:

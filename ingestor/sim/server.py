@@ -16,13 +16,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ingestor.binance.rest_limits import WEIGHT_LIMIT
 from ingestor.binance.streams import DEFAULT_LIMITS, MARKETS, Market, MarketLimits
 from ingestor.sim.exchange_info import exchange_info
 from ingestor.sim.faults import Fault, FaultSpecError
 from ingestor.sim.hub import Hub
 from ingestor.sim.model import STEP_MS, MarketModel, ModelParams
 from ingestor.sim.replay import Replay
-from ingestor.sim.rest_server import WEIGHT_LIMIT, RestApi, WeightBudget
+from ingestor.sim.rest_server import RestApi, WeightBudget
 from ingestor.sim.universe import build_universe
 from ingestor.sim.ws_server import WsServer
 

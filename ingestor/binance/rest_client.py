@@ -1,0 +1,134 @@
+"""The one REST client: Binance's weight budget kept from our side.
+
+Binance counts request weight per IP in one-minute windows and reports the running total
+in ``X-MBX-USED-WEIGHT-1M``. Going over the limit gets 429 with ``Retry-After``; carrying
+on after a 429 gets 418 and a ban. So the client keeps its own count (corrected by the
+header after every reply), waits for the next window rather than overrun its share of
+the limit, and after a 429 or 418 sends nothing to that market until ``Retry-After`` has
+passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from ingestor.binance.rest_limits import PREFIX, WEIGHT_LIMIT
+from ingestor.binance.streams import Market
+
+log = logging.getLogger(__name__)
+
+
+class RestError(Exception):
+    def __init__(self, status: int, body: bytes, url: str) -> None:
+        super().__init__(f"HTTP {status} from {url}: {body[:200]!r}")
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class WeightBudget:
+    """Our share of one market's per-minute weight, in fixed windows like Binance's."""
+
+    limit: int
+    window: int = -1
+    used: int = 0
+    blocked_until: float = 0.0  # wall clock, after 429/418
+
+    def wait_s(self, weight: int, now: float) -> float:
+        """Seconds to wait before spending ``weight`` (0: go now)."""
+        if now < self.blocked_until:
+            return self.blocked_until - now
+        self._roll(now)
+        if self.used + weight <= self.limit or self.used == 0:
+            return 0.0
+        return (self.window + 1) * 60 - now + 0.05
+
+    def spend(self, weight: int, now: float) -> None:
+        self._roll(now)
+        self.used += weight
+
+    def observe(self, used_header: str | None, now: float) -> None:
+        """The server's count is the truth (other clients on the IP count too)."""
+        if used_header is None:
+            return
+        try:
+            used = int(used_header)
+        except ValueError:
+            return
+        self._roll(now)
+        self.used = max(self.used, used)
+
+    def block(self, retry_after_s: float, now: float) -> None:
+        self.blocked_until = max(self.blocked_until, now + retry_after_s)
+
+    def _roll(self, now: float) -> None:
+        window = int(now // 60)
+        if window != self.window:
+            self.window, self.used = window, 0
+
+
+class RestClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_urls: Mapping[Market, str],
+        weight_share: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.session = session
+        self.base_urls = dict(base_urls)
+        self.budgets = {m: WeightBudget(int(WEIGHT_LIMIT[m] * weight_share)) for m in base_urls}
+        self.clock = clock
+        self.requests: dict[tuple[Market, str, int], int] = {}  # (market, endpoint, status) -> n
+        self.waited_s = 0.0
+
+    async def get(self, market: Market, endpoint: str, params: Mapping[str, str | int] | None = None,
+                  weight: int = 1, retries: int = 3) -> bytes:
+        """GET ``<base><prefix>/<endpoint>``; returns the body of a 200 reply."""
+        url = f"{self.base_urls[market]}{PREFIX[market]}/{endpoint}"
+        budget = self.budgets[market]
+        attempt = 0
+        while True:
+            delay = budget.wait_s(weight, self.clock())
+            if delay > 0:
+                self.waited_s += delay
+                await asyncio.sleep(delay)
+                continue
+            budget.spend(weight, self.clock())
+            try:
+                async with self.session.get(url, params=params) as resp:
+                    body = await resp.read()
+                    status = resp.status
+                    budget.observe(resp.headers.get("X-MBX-USED-WEIGHT-1M"), self.clock())
+                    retry_after = resp.headers.get("Retry-After")
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                status, body, retry_after = 0, str(exc).encode(), None
+            key = (market, endpoint, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            if status == 200:
+                return body
+            if status in (429, 418):
+                wait = _retry_after_s(retry_after)
+                budget.block(wait, self.clock())
+                log.warning("%s %s: HTTP %d, backing off %.0f s (Retry-After)", market, endpoint, status, wait)
+                continue  # not an attempt: the request is still owed
+            attempt += 1
+            if status and status < 500 or attempt > retries:
+                raise RestError(status, body, url)
+            backoff = min(30.0, 0.5 * 2**attempt)
+            log.warning("%s %s: %s, retrying in %.1f s", market, endpoint,
+                        f"HTTP {status}" if status else body.decode(errors="replace"), backoff)
+            await asyncio.sleep(backoff)
+
+
+def _retry_after_s(value: str | None) -> float:
+    try:
+        return max(1.0, float(value)) if value else 60.0
+    except ValueError:
+        return 60.0

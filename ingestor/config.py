@@ -1,0 +1,217 @@
+"""``Settings``: the one configuration object, built once at start and passed down.
+
+Sources, lowest to highest priority: defaults, a ``.env`` file, ``INGESTOR_*`` environment
+variables, command-line flags. Every field is a flag (``--spot-ws-url``) and a variable
+(``INGESTOR_SPOT_WS_URL``); ``ingestor config`` prints the result with secrets masked.
+Validation happens here, so bad configuration fails before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+from ingestor.binance.streams import DEPTH_SPEEDS, MARKETS, Market
+
+ENV_PREFIX = "INGESTOR_"
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message says which setting and why."""
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "ingestor"
+
+
+def _opt(help: str, *, secret: bool = False, flag: bool = True) -> dict[str, Any]:
+    return {"help": help, "secret": secret, "flag": flag}
+
+
+@dataclass(frozen=True)
+class Settings:
+    dsn: str | None = field(default=None, metadata=_opt(
+        "PostgreSQL DSN; unset: an embedded PostgreSQL in the data directory", secret=True))
+    data_dir: Path = field(default_factory=_default_data_dir, metadata=_opt(
+        "where the embedded database and local state live"))
+    markets: tuple[str, ...] = field(default=MARKETS, metadata=_opt("markets to record: spot,futures"))
+    symbols: tuple[str, ...] = field(default=(), metadata=_opt(
+        "symbols to record (e.g. BTCUSDT,ETHUSDT); empty: --top, or every TRADING symbol"))
+    top: int = field(default=0, metadata=_opt("record the N symbols with the highest 24 h quote volume"))
+    shards: int = field(default=1, metadata=_opt("socket worker processes"))
+    spot_ws_url: str = field(default="wss://stream.binance.com:9443", metadata=_opt("Spot WebSocket base URL"))
+    futures_ws_url: str = field(default="wss://fstream.binance.com", metadata=_opt("USD-M WebSocket base URL"))
+    spot_rest_url: str = field(default="https://api.binance.com", metadata=_opt("Spot REST base URL"))
+    futures_rest_url: str = field(default="https://fapi.binance.com", metadata=_opt("USD-M REST base URL"))
+    # The original design asked for depth@500ms on both markets. USD-M offers it; Spot
+    # documents only 1000 ms and 100 ms, and 100 ms is the nearer one (and loses nothing).
+    spot_depth_speed: str = field(default="100ms", metadata=_opt("Spot diff-depth speed: 100ms or 1000ms"))
+    futures_depth_speed: str = field(default="500ms", metadata=_opt(
+        "USD-M diff-depth speed: 100ms, 250ms or 500ms"))
+    batch_rows: int = field(default=5000, metadata=_opt("rows per COPY batch before it is sent"))
+    batch_age_ms: int = field(default=200, metadata=_opt("oldest row age before a batch is sent anyway"))
+    writer_connections: int = field(default=4, metadata=_opt("parallel COPY connections of the writer"))
+    snapshot_interval_s: float = field(default=300.0, metadata=_opt(
+        "seconds between full depth snapshots of each symbol; 0 disables"))
+    snapshot_limit: int = field(default=1000, metadata=_opt("levels per depth snapshot"))
+    open_interest_interval_s: float = field(default=60.0, metadata=_opt(
+        "seconds between open-interest polls of each USD-M symbol; 0 disables"))
+    rest_weight_share: float = field(default=0.5, metadata=_opt(
+        "share of each market's documented per-minute REST weight this process may use"))
+    http_host: str = field(default="127.0.0.1", metadata=_opt("address of /health and /metrics"))
+    http_port: int = field(default=9108, metadata=_opt("port of /health and /metrics (0: any free port)"))
+    max_frame_bytes: int = field(default=4 * 1024 * 1024, metadata=_opt(
+        "a frame larger than this closes and reopens its connection"))
+    compress_after_days: int = field(default=0, metadata=_opt(
+        "TimescaleDB: compress chunks older than this many days (0: off; needs the Timescale licence)"))
+    retention_days: int = field(default=0, metadata=_opt(
+        "TimescaleDB: drop chunks older than this many days (0: keep everything)"))
+    log_level: str = field(default="INFO", metadata=_opt("DEBUG, INFO, WARNING or ERROR"))
+
+    # -- derived --------------------------------------------------------------------
+
+    def ws_url(self, market: Market) -> str:
+        return self.spot_ws_url if market == "spot" else self.futures_ws_url
+
+    def rest_url(self, market: Market) -> str:
+        return self.spot_rest_url if market == "spot" else self.futures_rest_url
+
+    def depth_stream_suffix(self, market: Market) -> str:
+        """``@depth@100ms``-style suffix for the market's configured speed."""
+        speed = self.spot_depth_speed if market == "spot" else self.futures_depth_speed
+        default_ms = DEPTH_SPEEDS[market][""]
+        return "@depth" if speed == f"{default_ms}ms" else f"@depth@{speed}"
+
+    @property
+    def market_list(self) -> tuple[Market, ...]:
+        return tuple(m for m in MARKETS if m in self.markets)
+
+    def masked(self) -> dict[str, Any]:
+        """Every setting, secrets masked (the DSN's password), for printing."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "dsn" and value:
+                value = mask_dsn(value)
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            out[f.name] = value
+        return out
+
+
+def mask_dsn(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# -- building -----------------------------------------------------------------------
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
+    if raw is None:
+        return None
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw).expanduser()
+        if kind.startswith("tuple"):
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(s.strip() for s in items if s.strip())
+        if kind == "str | None":
+            return str(raw) or None
+        return str(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{f.name}: {raw!r} is not a valid {kind}") from exc
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    env_file: Path | None = Path(".env"),
+) -> Settings:
+    """Defaults < ``.env`` < environment < flags (a flag left at None does not count)."""
+    environ = os.environ if environ is None else environ
+    sources: list[Mapping[str, Any]] = []
+    if env_file is not None and env_file.is_file():
+        sources.append({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    sources.append(environ)
+    values: dict[str, Any] = {}
+    known = {env_name(f.name) for f in fields(Settings)}
+    for src in sources:
+        for key in src:
+            if key.startswith(ENV_PREFIX) and key not in known and not key.startswith(ENV_PREFIX + "TEST"):
+                raise ConfigError(f"unknown setting {key} (known: {', '.join(sorted(known))})")
+    for f in fields(Settings):
+        for src in sources:
+            if env_name(f.name) in src:
+                values[f.name] = _convert(f, src[env_name(f.name)])
+        if flags and flags.get(f.name) is not None:
+            values[f.name] = _convert(f, flags[f.name])
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    if s.shards < 1:
+        raise ConfigError(f"shards must be at least 1 (got {s.shards})")
+    if not s.markets or any(m not in MARKETS for m in s.markets):
+        raise ConfigError(f"markets must be some of spot,futures (got {','.join(s.markets) or 'nothing'})")
+    if s.symbols and s.top:
+        raise ConfigError("give either symbols or top, not both")
+    if s.top < 0:
+        raise ConfigError(f"top must be positive (got {s.top})")
+    for sym in s.symbols:
+        if not sym.isalnum() or not sym.isascii():
+            raise ConfigError(f"not a symbol: {sym!r}")
+    for name, ws in (("spot_ws_url", s.spot_ws_url), ("futures_ws_url", s.futures_ws_url)):
+        _check_url(name, ws, ("ws", "wss"))
+    for name, rest in (("spot_rest_url", s.spot_rest_url), ("futures_rest_url", s.futures_rest_url)):
+        _check_url(name, rest, ("http", "https"))
+    for market, speed in (("spot", s.spot_depth_speed), ("futures", s.futures_depth_speed)):
+        allowed = sorted(f"{ms}ms" for ms in DEPTH_SPEEDS[market].values())  # type: ignore[index]
+        if speed not in allowed:
+            raise ConfigError(f"{market}_depth_speed: {speed!r} is not a documented speed ({', '.join(allowed)})")
+    if s.dsn is not None:
+        parts = urlsplit(s.dsn)
+        if parts.scheme not in ("postgres", "postgresql"):
+            raise ConfigError(f"dsn must be a postgresql:// URL (got {mask_dsn(s.dsn)!r})")
+    for name in ("batch_rows", "batch_age_ms", "writer_connections", "snapshot_limit", "max_frame_bytes"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{name} must be at least 1 (got {getattr(s, name)})")
+    if s.snapshot_interval_s < 0 or s.open_interest_interval_s < 0:
+        raise ConfigError("REST intervals must be >= 0")
+    if not 0 < s.rest_weight_share <= 0.9:
+        raise ConfigError(f"rest_weight_share must be in (0, 0.9] (got {s.rest_weight_share})")
+    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level: {s.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ConfigError(f"{name}: {url!r} is not a {'/'.join(schemes)}:// URL")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {url!r} has a bad port") from exc

@@ -1,0 +1,326 @@
+"""The supervisor: settings in, database ready, universe resolved, children running.
+
+Owns the process tree. Children are started with the ``spawn`` context (no inherited
+event loop, sockets or threads). A child that dies is restarted with exponential
+backoff; the backoff resets once it has run for a minute. SIGINT/SIGTERM stop the
+producers first (socket and REST workers hand over every row they hold), then the
+writer drains everything queued before it exits, then the supervisor exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from ingestor.binance.plan import Connection, plan
+from ingestor.binance.rest_client import RestClient, RestError
+from ingestor.binance.streams import Market
+from ingestor.binance.universe import Universe, UniverseError, resolve_universe
+from ingestor.config import ConfigError, Settings
+from ingestor.db.embedded import EmbeddedPostgres
+from ingestor.db.migrate import apply_policies, capabilities, migrate
+from ingestor.workers import rest_worker, socket_worker
+from ingestor.writer import process as writer_process
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_MAX_S = 30.0
+RESTART_RESET_AFTER_S = 60.0
+PRODUCER_STOP_TIMEOUT_S = 30.0
+WRITER_DRAIN_TIMEOUT_S = 120.0
+
+
+class StartupError(Exception):
+    """Something that stops the pipeline from starting; the message is for the user."""
+
+
+@dataclass
+class Child:
+    name: str
+    kind: str  # socket | rest | writer
+    target: Callable[..., None]
+    args: tuple[Any, ...]
+    process: Any = None
+    restarts: int = 0
+    started_at: float = 0.0
+    next_start: float = 0.0
+    backoff_s: float = 0.5
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+async def open_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    """The DSN to use: the configured one (checked now), or a started embedded server."""
+    embedded = None
+    if settings.dsn is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        try:
+            dsn = await asyncio.to_thread(embedded.start)
+        except Exception as exc:  # noqa: BLE001 - any failure of the embedded server is fatal here
+            raise StartupError(f"could not start the embedded PostgreSQL in {embedded.pgdata}: {exc}") from exc
+        log.info("embedded PostgreSQL in %s (set INGESTOR_DSN or --dsn to use a server of your own)",
+                 embedded.pgdata)
+    else:
+        dsn = settings.dsn
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as exc:
+        if embedded is not None:
+            embedded.stop()
+        from ingestor.config import mask_dsn
+
+        raise StartupError(f"cannot connect to the database {mask_dsn(dsn)}: {exc}") from exc
+    try:
+        applied = await migrate(conn)
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        caps = await capabilities(conn)
+        log.info("PostgreSQL %s, %s", caps.server_version,
+                 f"TimescaleDB {caps.timescaledb} ({caps.license} licence)" if caps.timescaledb else
+                 "no TimescaleDB: plain tables with BRIN time indexes")
+        for warning in await apply_policies(conn, caps, settings.compress_after_days or None,
+                                            settings.retention_days or None):
+            log.warning("%s", warning)
+    finally:
+        await conn.close()
+    return dsn, embedded
+
+
+async def load_universe(settings: Settings) -> Universe:
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        client = RestClient(session, {m: settings.rest_url(m) for m in settings.market_list},
+                            settings.rest_weight_share)
+        try:
+            return await resolve_universe(client, settings.market_list, settings.symbols, settings.top)
+        except RestError as exc:
+            raise StartupError(f"cannot read the symbol list: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise StartupError(f"cannot reach the exchange's REST API: {exc}") from exc
+        except UniverseError as exc:
+            raise StartupError(str(exc)) from exc
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ctx = mp.get_context("spawn")
+        self.children: list[Child] = []
+        self.stopping = False
+        self.started = time.time()
+        self.dsn = ""
+        self.universe: Universe | None = None
+        self.shards: list[list[Connection]] = []
+        self.db_reachable = False
+        self.db_checked = 0.0
+        self.http_url = ""
+        self._stop_requested = asyncio.Event()
+
+    # -- start ----------------------------------------------------------------------
+
+    def _metrics_dir(self) -> Path:
+        path = Path(tempfile.mkdtemp(prefix="ingestor-metrics-"))
+        # prometheus_client reads this at import in every child; spawn passes the
+        # environment on, so it is set here, once, before any child starts.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+        return path
+
+    async def run(self, ready: Callable[[Supervisor], None] | None = None) -> int:
+        s = self.settings
+        self.dsn, embedded = await open_database(s)
+        try:
+            self.universe = await load_universe(s)
+            symbols = {m: list(v) for m, v in self.universe.symbols.items() if v}
+            suffix: dict[Market, str] = {m: s.depth_stream_suffix(m) for m in symbols}
+            self.shards = plan(self.universe, suffix, s.shards)
+            log.info("recording %d symbols (%s) on %d shard(s), %d connections", self.universe.count(),
+                     ", ".join(f"{m}: {len(v)}" for m, v in symbols.items()), s.shards,
+                     sum(len(c) for c in self.shards))
+            self.metrics_dir = self._metrics_dir()
+            self.queue = self.ctx.Queue()
+            self.status_queue = self.ctx.Queue()
+            self.stop_event = self.ctx.Event()
+            self.children.append(Child("writer", "writer", writer_process.main,
+                                       (s, "writer", self.dsn, self.queue, self.status_queue)))
+            for i, conns in enumerate(self.shards):
+                name = f"socket-{i}"
+                self.children.append(Child(name, "socket", socket_worker.main,
+                                           (s, name, conns, symbols, self.queue, self.status_queue,
+                                            self.stop_event)))
+            self.children.append(Child("rest", "rest", rest_worker.main,
+                                       (s, "rest", symbols, self.queue, self.status_queue, self.stop_event)))
+            for child in self.children:
+                self._start(child)
+            threading.Thread(target=self._read_status, name="status-reader", daemon=True).start()
+            from ingestor.health import HealthServer
+
+            health = HealthServer(self, self.metrics_dir)
+            self.http_url = await health.start(s.http_host, s.http_port)
+            log.info("health and metrics on %s/health, %s/metrics", self.http_url, self.http_url)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.request_stop)
+            if ready is not None:
+                ready(self)
+            try:
+                await self._watch()
+                await self._shutdown()
+            finally:
+                await health.stop()
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        finally:
+            if embedded is not None:
+                await asyncio.to_thread(embedded.stop)
+        return 0
+
+    def request_stop(self) -> None:
+        if not self._stop_requested.is_set():
+            log.info("stopping: producers first, then the writer drains")
+        self._stop_requested.set()
+
+    def _start(self, child: Child) -> None:
+        child.process = self.ctx.Process(target=child.target, args=child.args, name=child.name, daemon=False)
+        child.process.start()
+        child.started_at = time.monotonic()
+        log.info("started %s (pid %d)", child.name, child.process.pid)
+
+    # -- watch ----------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        from prometheus_client import multiprocess
+
+        while not self._stop_requested.is_set():
+            now = time.monotonic()
+            for child in self.children:
+                proc = child.process
+                if proc is not None and proc.exitcode is not None:
+                    log.error("%s (pid %d) exited with %s; restarting in %.1f s", child.name, proc.pid,
+                              proc.exitcode, child.backoff_s)
+                    multiprocess.mark_process_dead(proc.pid)
+                    child.process = None
+                    child.next_start = now + child.backoff_s
+                    child.backoff_s = min(RESTART_BACKOFF_MAX_S, child.backoff_s * 2)
+                elif proc is None and now >= child.next_start:
+                    child.restarts += 1
+                    self._start(child)
+                elif proc is not None and now - child.started_at > RESTART_RESET_AFTER_S:
+                    child.backoff_s = 0.5
+            await self._check_db()
+            try:
+                await asyncio.wait_for(self._stop_requested.wait(), 0.1)
+            except TimeoutError:
+                pass
+
+    async def _check_db(self) -> None:
+        if time.monotonic() - self.db_checked < 2.0:
+            return
+        self.db_checked = time.monotonic()
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=2)
+            try:
+                await conn.fetchval("SELECT 1", timeout=2)
+            finally:
+                await conn.close(timeout=2)
+            self.db_reachable = True
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            self.db_reachable = False
+
+    def _read_status(self) -> None:
+        by_name = {c.name: c for c in self.children}
+        while True:
+            try:
+                st = self.status_queue.get()
+            except (EOFError, OSError, ValueError):
+                return
+            child = by_name.get(st.get("worker", ""))
+            if child is not None:
+                child.status = st
+
+    # -- stop -----------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        from prometheus_client import multiprocess
+
+        self.stopping = True
+        self.stop_event.set()
+        producers = [c for c in self.children if c.kind != "writer"]
+        writer = next(c for c in self.children if c.kind == "writer")
+        await self._join(producers, PRODUCER_STOP_TIMEOUT_S)
+        if writer.process is None or writer.process.exitcode is not None:
+            self._start(writer)  # died during shutdown: the queue still holds its work
+        self.queue.put(writer_process.DRAIN)
+        await self._join([writer], WRITER_DRAIN_TIMEOUT_S)
+        for c in self.children:
+            if c.process is not None:
+                multiprocess.mark_process_dead(c.process.pid)
+        log.info("stopped")
+
+    async def _join(self, children: list[Child], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for c in children:
+            if c.process is None:
+                continue
+            while c.process.exitcode is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if c.process.exitcode is None:
+                log.error("%s did not stop within %.0f s; killing it", c.name, timeout)
+                c.process.kill()
+                await asyncio.to_thread(c.process.join, 5)
+
+    # -- health ---------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        now = time.time()
+        problems: list[str] = []
+        workers: dict[str, Any] = {}
+        for c in self.children:
+            alive = c.process is not None and c.process.exitcode is None
+            st = dict(c.status)
+            age = None if not st else round(now - st.pop("time", now), 3)
+            st.pop("worker", None)
+            workers[c.name] = {"alive": alive, "pid": c.process.pid if c.process else None,
+                               "restarts": c.restarts, "status_age_s": age, **st}
+            if not alive:
+                problems.append(f"{c.name} is not running")
+            elif age is None or age > 5.0:
+                if time.monotonic() - c.started_at > 10.0:
+                    problems.append(f"{c.name} has not reported for {age} s")
+            if c.kind == "socket" and st and st.get("connected", 0) < st.get("connections", 0):
+                if time.monotonic() - c.started_at > 10.0:
+                    problems.append(f"{c.name}: {st['connections'] - st['connected']} connection(s) down")
+        writer = workers.get("writer", {})
+        last_commit = writer.get("last_commit")
+        db = {"reachable": self.db_reachable and bool(writer.get("db_ok", True)),
+              "last_commit_age_s": None if not last_commit else round(now - last_commit, 3),
+              "error": writer.get("db_error") or None}
+        if not db["reachable"]:
+            problems.append("database unreachable")
+        healthy = not problems and not self.stopping
+        return healthy, {
+            "status": "ok" if healthy else "unhealthy", "problems": problems, "stopping": self.stopping,
+            "uptime_s": round(now - self.started, 1), "workers": workers, "database": db,
+        }
+
+
+async def run_supervisor(settings: Settings, ready: Callable[[Supervisor], None] | None = None) -> int:
+    try:
+        return await Supervisor(settings).run(ready)
+    except (StartupError, ConfigError) as exc:
+        log.error("%s", exc)
+        raise
+
+
+__all__ = ["Supervisor", "StartupError", "run_supervisor", "open_database"]

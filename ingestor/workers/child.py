@@ -1,0 +1,67 @@
+"""What every child process does first: logging, signals, uvloop, and a watch on its parent.
+
+Children ignore SIGINT (a terminal's Ctrl-C reaches the whole process group; the
+supervisor decides the order of shutdown) and treat SIGTERM as "stop cleanly". A child
+whose supervisor has died stops too, rather than run on unsupervised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ingestor.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s",
+    )
+    # picows logs every connect and disconnect at INFO; the worker logs its own line.
+    logging.getLogger("picows").setLevel(logging.WARNING)
+
+
+class ChildContext:
+    def __init__(self, settings: Settings, name: str, stop_event: Any) -> None:
+        self.settings = settings
+        self.name = name
+        self.stop_event = stop_event  # multiprocessing.Event shared with the supervisor
+        self.parent = os.getppid()
+        self.stopping = asyncio.Event()
+
+    def should_stop(self) -> bool:
+        if self.stopping.is_set():
+            return True
+        if (self.stop_event is not None and self.stop_event.is_set()) or os.getppid() != self.parent:
+            self.stopping.set()
+        return self.stopping.is_set()
+
+    async def watch(self, period_s: float = 0.1) -> None:
+        while not self.should_stop():
+            await asyncio.sleep(period_s)
+
+
+def run_child(settings: Settings, name: str, stop_event: Any,
+              main: Callable[[ChildContext], Coroutine[Any, Any, None]]) -> None:
+    setup_logging(settings.log_level, name)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import uvloop
+
+    async def runner() -> None:
+        ctx = ChildContext(settings, name, stop_event)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, ctx.stopping.set)
+        await main(ctx)
+
+    started = time.monotonic()
+    uvloop.run(runner())
+    log.info("stopped after %.1f s", time.monotonic() - started)

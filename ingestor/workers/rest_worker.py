@@ -1,0 +1,152 @@
+"""REST worker process: the only REST client of the pipeline.
+
+Polls full depth snapshots (every symbol of both markets) and USD-M open interest on
+their intervals. Each kind of job is spread evenly over its interval (symbol i of n runs
+at i/n of the way through), so the weight is spent smoothly, not in bursts; the
+``RestClient`` keeps the per-minute budget and honours ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ingestor.binance import rows
+from ingestor.binance.rest_client import RestClient, RestError
+from ingestor.binance.rest_limits import OPEN_INTEREST_WEIGHT, depth_weight
+from ingestor.binance.streams import Market
+from ingestor.config import Settings
+from ingestor.workers.batching import Batcher
+from ingestor.workers.child import ChildContext, run_child
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True, order=True)
+class Job:
+    market: Market
+    kind: str  # "depth" | "openInterest"
+    symbol: str
+    interval_s: float
+
+def schedule(symbols: dict[Market, list[str]], settings: Settings) -> list[tuple[float, Job]]:
+    """(offset seconds, job) for every periodic request, spread over each interval."""
+    jobs: list[Job] = []
+    for market, syms in symbols.items():
+        if settings.snapshot_interval_s > 0:
+            jobs.extend(Job(market, "depth", s, settings.snapshot_interval_s) for s in syms)
+        if market == "futures" and settings.open_interest_interval_s > 0:
+            jobs.extend(Job(market, "openInterest", s, settings.open_interest_interval_s) for s in syms)
+    out: list[tuple[float, Job]] = []
+    for kind in ("depth", "openInterest"):
+        group = [j for j in jobs if j.kind == kind]
+        out.extend((i * j.interval_s / len(group), j) for i, j in enumerate(group))
+    return out
+
+class RestWorker:
+    def __init__(self, ctx: ChildContext, symbols: dict[Market, list[str]], out_queue: Any,
+                 status_queue: Any) -> None:
+        self.ctx = ctx
+        self.settings = s = ctx.settings
+        self.symbols = symbols
+        self.out_queue = out_queue
+        self.status_queue = status_queue
+        self.batcher = Batcher(out_queue.put, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
+                               producer=ctx.name)
+        self.done: dict[str, int] = {}
+        self.failed = 0
+        self._reported: dict[tuple[str, ...], int] = {}
+
+    async def run(self) -> None:
+        s = self.settings
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            self.client = RestClient(session, {m: s.rest_url(m) for m in self.symbols}, s.rest_weight_share)
+            start = time.monotonic()
+            heap = [(start + off, job) for off, job in schedule(self.symbols, s)]
+            heapq.heapify(heap)
+            pump = asyncio.ensure_future(self._pump())
+            while heap and not self.ctx.should_stop():
+                due, job = heap[0]
+                wait = due - time.monotonic()
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(self.ctx.stopping.wait(), min(wait, 0.5))
+                    except TimeoutError:
+                        pass
+                    continue
+                heapq.heappop(heap)
+                await self._run_job(job)
+                heapq.heappush(heap, (max(due + job.interval_s, time.monotonic()), job))
+            if not heap:
+                await self.ctx.stopping.wait()
+            pump.cancel()
+        self.batcher.flush(force=True)
+        self.report()
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            if job.kind == "depth":
+                limit = self.settings.snapshot_limit
+                body = await self.client.get(job.market, "depth", {"symbol": job.symbol, "limit": limit},
+                                             weight=depth_weight(job.market, limit))
+                msg = orjson.loads(body)
+                t_ms = msg.get("T") or int(time.time() * 1000)
+                self.batcher.add("depth_snapshots", rows.depth_snapshot(job.market, job.symbol, t_ms, body), t_ms)
+            else:
+                body = await self.client.get(job.market, "openInterest", {"symbol": job.symbol},
+                                             weight=OPEN_INTEREST_WEIGHT)
+                msg = orjson.loads(body)
+                self.batcher.add("open_interest", rows.open_interest(job.market, msg, body), msg["time"])
+            self.done[job.kind] = self.done.get(job.kind, 0) + 1
+        except (RestError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            self.failed += 1
+            log.warning("%s %s %s: %s", job.market, job.kind, job.symbol, exc)
+
+    async def _pump(self) -> None:
+        last = 0.0
+        while True:
+            await asyncio.sleep(0.05)
+            self.batcher.flush()
+            if time.monotonic() - last >= 1.0:
+                last = time.monotonic()
+                self.report()
+
+    def report(self) -> None:
+        from ingestor import metrics as M
+
+        w = self.ctx.name
+        client = getattr(self, "client", None)
+        if client is not None:
+            for (market, endpoint, status), n in client.requests.items():
+                key = ("req", market, endpoint, str(status))
+                prev = self._reported.get(key, 0)
+                if n > prev:
+                    M.REST_REQUESTS.labels(w, market, endpoint, str(status)).inc(n - prev)
+                self._reported[key] = n
+            for market, budget in client.budgets.items():
+                M.REST_WEIGHT.labels(w, market).set(budget.used)
+        for table, n in self.batcher.sent_rows.items():
+            prev = self._reported.get(("rows", table), 0)
+            if n > prev:
+                M.ROWS_SENT.labels(w, table).inc(n - prev)
+            self._reported[("rows", table)] = n
+        self.status_queue.put({
+            "worker": w, "kind": "rest", "time": time.time(), "requests_done": dict(self.done),
+            "failed": self.failed,
+            "weight_used": {m: b.used for m, b in client.budgets.items()} if client else {},
+            "pending_rows": self.batcher.pending_rows(),
+        })
+
+def main(settings: Settings, name: str, symbols: dict[Market, list[str]], out_queue: Any, status_queue: Any,
+         stop_event: Any) -> None:
+    async def body(ctx: ChildContext) -> None:
+        await RestWorker(ctx, symbols, out_queue, status_queue).run()
+
+    run_child(settings, name, stop_event, body)
