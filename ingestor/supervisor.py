@@ -30,7 +30,7 @@ from ingestor.binance.plan import Connection, plan
 from ingestor.binance.rest_client import RestClient, RestError
 from ingestor.binance.streams import Market
 from ingestor.binance.universe import Universe, UniverseError, resolve_universe
-from ingestor.config import ConfigError, Settings
+from ingestor.config import Settings
 from ingestor.db.embedded import EmbeddedPostgres
 from ingestor.db.migrate import apply_policies, capabilities, migrate
 from ingestor.workers import rest_worker, socket_worker
@@ -210,6 +210,8 @@ class Supervisor:
                     log.error("%s (pid %d) exited with %s; restarting in %.1f s", child.name, proc.pid,
                               proc.exitcode, child.backoff_s)
                     multiprocess.mark_process_dead(proc.pid)
+                    if child.kind == "writer":
+                        release_reader_lock(self.queue)
                     child.process = None
                     child.next_start = now + child.backoff_s
                     child.backoff_s = min(RESTART_BACKOFF_MAX_S, child.backoff_s * 2)
@@ -295,9 +297,10 @@ class Supervisor:
                                "restarts": c.restarts, "status_age_s": age, **st}
             if not alive:
                 problems.append(f"{c.name} is not running")
-            elif age is None or age > 5.0:
-                if time.monotonic() - c.started_at > 10.0:
-                    problems.append(f"{c.name} has not reported for {age} s")
+            elif age is None:
+                problems.append(f"{c.name} has not reported yet")
+            elif age > 5.0:
+                problems.append(f"{c.name} has not reported for {age} s")
             if c.kind == "socket" and st and st.get("connected", 0) < st.get("connections", 0):
                 if time.monotonic() - c.started_at > 10.0:
                     problems.append(f"{c.name}: {st['connections'] - st['connected']} connection(s) down")
@@ -315,12 +318,25 @@ class Supervisor:
         }
 
 
+def release_reader_lock(q: Any) -> None:
+    """Free the batch queue's reader lock if the dead writer held it.
+
+    ``multiprocessing.Queue.get`` holds a process-shared lock while it waits, and a
+    process killed there never releases it: the restarted writer would then wait forever.
+    The writer is the queue's only reader, so once it is dead nobody may hold the lock.
+    (Batches it had taken but not committed are lost with it; issue 5 replaces this
+    queue with acknowledged per-producer channels.)
+    """
+    lock = q._rlock  # no public API for this; see the docstring
+    if not lock.acquire(False):
+        lock.release()
+    else:
+        lock.release()
+
+
 async def run_supervisor(settings: Settings, ready: Callable[[Supervisor], None] | None = None) -> int:
-    try:
-        return await Supervisor(settings).run(ready)
-    except (StartupError, ConfigError) as exc:
-        log.error("%s", exc)
-        raise
+    """Run until stopped; a StartupError carries the one line to show the user."""
+    return await Supervisor(settings).run(ready)
 
 
 __all__ = ["Supervisor", "StartupError", "run_supervisor", "open_database"]

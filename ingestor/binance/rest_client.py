@@ -129,6 +129,7 @@ class RestClient:
 
 def _retry_after_s(value: str | None) -> float:
     try:
-        return max(1.0, float(value)) if value else 60.0
+        # Bounded: a nonsense header ("inf", a year) must not silence a market for good.
+        return min(max(1.0, float(value)), 3600.0) if value else 60.0
     except ValueError:
         return 60.0

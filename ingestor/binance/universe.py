@@ -49,7 +49,7 @@ def choose_symbols(
                 continue
     chosen: dict[Market, tuple[str, ...]] = {}
     if symbols:
-        wanted = [s.upper() for s in symbols]
+        wanted = list(dict.fromkeys(s.upper() for s in symbols))  # a repeat would subscribe twice
         unknown = [s for s in wanted if not any(s in trading.get(m, ()) for m in markets)]
         if unknown:
             raise UniverseError(

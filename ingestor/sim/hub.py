@@ -37,8 +37,11 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class Hub:
-    def __init__(self, market: Market) -> None:
+    def __init__(self, market: Market, record: bool = False) -> None:
         self.market = market
+        # Every payload delivered, per stream, when recording: tests and the demo compare
+        # what a recorder stored with exactly what was sent.
+        self.record: dict[str, list[bytes]] | None = {} if record else None
         self.subs: dict[str, set[Subscriber]] = {}
         # stream -> [messages sent, last sequence id (a, u, or E), last event time]
         self.sent: dict[str, list[int]] = {}
@@ -91,6 +94,8 @@ class Hub:
             conn.out.append(frame)
             delivered = True
         if delivered:
+            if self.record is not None:
+                self.record.setdefault(name, []).append(payload)
             rec = self.sent.get(name)
             if rec is None:
                 self.sent[name] = [1, seq]

@@ -51,6 +51,7 @@ class SimConfig:
     reuse_port: bool = False
     ws_only: bool = False  # extra --workers processes serve WebSocket only
     ws_ports: dict[Market, int] | None = None  # set for those extra processes
+    record: bool = False  # keep every delivered payload (Hub.record), for exact comparisons
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Simulator:
             else:
                 universe = build_universe(cfg.symbols, cfg.n_symbols)
             model = MarketModel(market, universe, cfg.seed, cfg.model, start_ms)
-            hub = Hub(market)
+            hub = Hub(market, record=self.config.record)
             model.wants, model.emit = hub.wants, hub.emit
             ws = WsServer(hub, cfg.limits[market], self._extra_streams(market))
             budget = WeightBudget(cfg.weight_limit[market], ban_s=cfg.ban_s)
@@ -276,17 +277,24 @@ class Simulator:
         hits = [self.apply_fault(f) for f in faults]
         return web.json_response({"applied": len(faults), "targets": hits})
 
-    async def _pause(self, request: web.Request) -> web.Response:
+    async def pause(self) -> int | None:
         """Stop the clock at the next whole second of model time, when every diff stream
-        has pushed everything, so a client's book can be compared with ``/book``."""
+        has pushed everything, so a client's book can be compared with ``/book``.
+        Returns the pause time, or None if the model did not get there within 5 s."""
         t = max(rt.model.t for rt in self.markets.values())
-        self.paused_at = (t // 1000 + 1) * 1000
+        paused_at = self.paused_at = (t // 1000 + 1) * 1000
         deadline = time.monotonic() + 5
-        while any(rt.model.t < self.paused_at for rt in self.markets.values()):
+        while any(rt.model.t < paused_at for rt in self.markets.values()):
             if time.monotonic() > deadline:
-                return web.json_response({"error": "model did not reach the pause point"}, status=500)
+                return None
             await asyncio.sleep(0.01)
-        return web.json_response({"paused_at": self.paused_at})
+        return paused_at
+
+    async def _pause(self, request: web.Request) -> web.Response:
+        paused_at = await self.pause()
+        if paused_at is None:
+            return web.json_response({"error": "model did not reach the pause point"}, status=500)
+        return web.json_response({"paused_at": paused_at})
 
     async def _resume(self, request: web.Request) -> web.Response:
         self.paused_at = None

@@ -38,6 +38,20 @@ class ChildContext:
         self.parent = os.getppid()
         self.stopping = asyncio.Event()
 
+    @property
+    def orphaned(self) -> bool:
+        return os.getppid() != self.parent
+
+    def release_queues(self, *queues: Any) -> None:
+        """Let the process exit without waiting to push its queues' last items.
+
+        A multiprocessing queue joins its feeder thread at exit, and that thread blocks
+        for good when the pipe is full and nobody reads: status queues always (a lost
+        last status is harmless), the batch queue only when the supervisor is gone.
+        """
+        for q in queues:
+            q.cancel_join_thread()
+
     def should_stop(self) -> bool:
         if self.stopping.is_set():
             return True

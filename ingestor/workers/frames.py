@@ -43,7 +43,11 @@ def split_envelope(frame: bytes) -> tuple[str, bytes] | None:
     payload = body[end + len(_DATA_KEY) : -1].strip()
     if not payload or payload[:1] not in (b"{", b"["):
         return None
-    return frame[len(_ENVELOPE_HEAD) : end].decode(), payload
+    try:
+        name = frame[len(_ENVELOPE_HEAD) : end].decode()
+    except UnicodeDecodeError:  # not from Binance: malformed, not fatal
+        return None
+    return name, payload
 
 
 class FrameHandler:
@@ -124,7 +128,10 @@ class FrameHandler:
             if not isinstance(item, dict) or item.get("e") != "markPriceUpdate":
                 self._reject("unknown_event", orjson.dumps(item))
                 continue
-            self._mark_price(item, orjson.dumps(item))
+            try:  # one bad element costs itself, not the rest of the array
+                self._mark_price(item, orjson.dumps(item))
+            except (KeyError, TypeError, ValueError, EncodeError, OverflowError):
+                self._reject("fields", orjson.dumps(item))
 
     # -- events ---------------------------------------------------------------------
 
@@ -150,7 +157,10 @@ class FrameHandler:
         self._count("depthUpdate")
         e_ms = msg["E"]
         row = rows.depth_update(self.market, msg, payload)
-        keep, gap = self.seq.depth(msg["s"], msg["U"], msg["u"], msg.get("pu"), e_ms)
+        pu = msg.get("pu")
+        if pu is not None and not isinstance(pu, int):  # checked before it moves the sequence
+            raise TypeError(f"pu: {pu!r}")
+        keep, gap = self.seq.depth(msg["s"], msg["U"], msg["u"], pu, e_ms)
         if gap is not None:
             self._gap(gap)
         if keep:

@@ -148,5 +148,6 @@ def main(settings: Settings, name: str, symbols: dict[Market, list[str]], out_qu
          stop_event: Any) -> None:
     async def body(ctx: ChildContext) -> None:
         await RestWorker(ctx, symbols, out_queue, status_queue).run()
+        ctx.release_queues(status_queue, *((out_queue,) if ctx.orphaned else ()))
 
     run_child(settings, name, stop_event, body)

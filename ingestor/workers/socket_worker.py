@@ -219,5 +219,6 @@ def main(settings: Settings, name: str, connections: list[Connection], symbols: 
 
     async def body(ctx: ChildContext) -> None:
         await SocketWorker(ctx, connections, symbols, out_queue, status_queue).run()
+        ctx.release_queues(status_queue, *((out_queue,) if ctx.orphaned else ()))
 
     run_child(settings, name, stop_event, body)

@@ -89,7 +89,8 @@ class Writer:
                 return
 
     async def _copier(self, index: int) -> None:
-        conn: asyncpg.Connection | None = None
+        # Connect before the first batch, so /health reports the database from the start.
+        conn: asyncpg.Connection | None = await self._connect()
         while True:
             item = await self.aq.get()
             if isinstance(item, str):
@@ -237,6 +238,7 @@ async def _copy_rows(conn: asyncpg.Connection, table: str, rows: bytes) -> None:
 def main(settings: Settings, name: str, dsn: str, in_queue: Any, status_queue: Any) -> None:
     async def body(ctx: ChildContext) -> None:
         await Writer(ctx, dsn, in_queue, status_queue).run()
+        ctx.release_queues(status_queue)
 
     # The writer takes no stop event: it stops on DRAIN, after the producers.
     run_child(settings, name, None, body)

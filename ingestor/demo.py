@@ -1,0 +1,128 @@
+"""``ingestor demo``: the simulator and the whole pipeline in one command, with a tally.
+
+The simulator runs in this process and records what it delivers; the supervisor runs
+beside it on the same loop with its usual child processes. At the end the simulator is
+paused, the pipeline catches up, and each table's stored rows are counted against the
+messages sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ingestor.config import Settings, mask_dsn
+from ingestor.sim.server import SimConfig, Simulator
+from ingestor.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+WS_TABLES = {"agg_trades": "event_time", "depth_updates": "event_time", "mark_prices": "event_time",
+             "force_orders": "event_time"}
+REST_TABLES = {"depth_snapshots": "time", "open_interest": "time"}
+CATCH_UP_S = 30.0
+
+
+def sent_rows(sim: Simulator) -> dict[str, int]:
+    """Rows the simulator's deliveries should become, per table."""
+    out = dict.fromkeys([*WS_TABLES, *REST_TABLES], 0)
+    for rt in sim.markets.values():
+        assert rt.hub.record is not None
+        for stream, payloads in rt.hub.record.items():
+            if stream.endswith("@aggTrade"):
+                out["agg_trades"] += len(payloads)
+            elif "@depth" in stream:
+                out["depth_updates"] += len(payloads)
+            elif stream.startswith("!markPrice@arr"):
+                out["mark_prices"] += sum(len(orjson.loads(p)) for p in payloads)
+            elif stream.startswith("!forceOrder@arr"):
+                out["force_orders"] += len(payloads)
+        for path, n in rt.rest.requests.items():
+            if path.endswith("/depth"):
+                out["depth_snapshots"] += n
+            elif path.endswith("/openInterest"):
+                out["open_interest"] += n
+    return out
+
+
+async def stored_rows(dsn: str, since_ms: int) -> tuple[dict[str, int], int]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        since = since_ms / 1000
+        counts = {}
+        for table, col in {**WS_TABLES, **REST_TABLES}.items():
+            counts[table] = await conn.fetchval(
+                f"SELECT count(*) FROM {table} WHERE {col} >= to_timestamp($1)", since)
+        gaps = await conn.fetchval("SELECT count(*) FROM stream_gaps WHERE detected_at >= to_timestamp($1)", since)
+        return counts, gaps
+    finally:
+        await conn.close()
+
+
+async def run_demo(settings: Settings, duration_s: float, n_symbols: int,
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+    async with Simulator(SimConfig(n_symbols=n_symbols, record=True)) as sim:
+        u = sim.urls
+        settings = replace(settings, spot_ws_url=u["spot_ws"], futures_ws_url=u["futures_ws"],
+                           spot_rest_url=u["spot_rest"], futures_rest_url=u["futures_rest"],
+                           snapshot_interval_s=min(settings.snapshot_interval_s, 5.0) or 5.0,
+                           open_interest_interval_s=min(settings.open_interest_interval_s, 2.0) or 2.0)
+        started_ms = int(time.time() * 1000)
+        ready = asyncio.Event()
+        sup = Supervisor(settings)
+        task = asyncio.ensure_future(sup.run(lambda _: ready.set()))
+        done_or_ready = await asyncio.wait((task, asyncio.ensure_future(ready.wait())),
+                                           return_when=asyncio.FIRST_COMPLETED)
+        if task in done_or_ready[0]:
+            task.result()  # raises the start-up error
+        try:
+            t0 = time.monotonic()
+            while (elapsed := time.monotonic() - t0) < duration_s:
+                await asyncio.sleep(1.0)
+                _, health = sup.health()
+                msgs = sum(w.get("messages", 0) for w in health["workers"].values())
+                rows = sum(health["workers"].get("writer", {}).get("rows", {}).values())
+                progress(f"{elapsed:5.1f}/{duration_s:.0f} s  {msgs:>9,} messages  {rows:>9,} rows stored  "
+                         f"{health['status']}")
+            await sim.pause()
+            ran_s = time.monotonic() - t0
+            sent = sent_rows(sim)
+            deadline = time.monotonic() + CATCH_UP_S
+            while True:
+                stored, gaps = await stored_rows(sup.dsn, started_ms)
+                if all(stored[t] >= sent[t] for t in sent) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.25)
+            _, health = sup.health()
+        finally:
+            sup.request_stop()
+            await task
+        errors = sum(w.get("rejected", 0) + w.get("failed", 0) + sum(w.get("rejected_rows", {}).values())
+                     for w in health["workers"].values())
+        total = sum(stored[t] for t in WS_TABLES)
+        return {
+            "dsn": "embedded" if settings.dsn is None else mask_dsn(settings.dsn),
+            "duration_s": round(ran_s, 1),
+            "tables": {t: {"sent": sent[t], "stored": stored[t]} for t in sent},
+            "gaps": gaps, "errors": errors,
+            "msgs_per_s": round(total / max(ran_s, 1e-9), 1),
+        }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    out = sys.stdout
+    out.write(f"\ndatabase: {result['dsn']}   ran {result['duration_s']} s   "
+              f"{result['msgs_per_s']:,} msgs/s stored\n\n")
+    out.write(f"{'table':<16}{'sent':>10}{'stored':>10}\n")
+    for table, c in result["tables"].items():
+        mark = "" if c["stored"] == c["sent"] else "   <- differs"
+        out.write(f"{table:<16}{c['sent']:>10,}{c['stored']:>10,}{mark}\n")
+    out.write(f"\ngaps: {result['gaps']}   errors: {result['errors']}\n")
