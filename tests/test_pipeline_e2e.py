@@ -151,5 +151,6 @@ async def test_sigterm_commits_everything_received(sim: Simulator, db_dsn: str) 
         assert await pipe.stop() == 0
     finally:
         await pipe.kill()
+    assert not [line for line in pipe.log if "did not stop" in line], "a worker had to be killed"
     counts = await assert_db_equals_sent(sim, db_dsn)
     assert counts["agg_trades"] > 100

@@ -85,7 +85,7 @@ class RestWorker:
                 await self._run_job(job)
                 heapq.heappush(heap, (max(due + job.interval_s, time.monotonic()), job))
             if not heap:
-                await self.ctx.stopping.wait()
+                await self.ctx.watch()  # nothing scheduled: idle until told to stop
             pump.cancel()
         self.batcher.flush(force=True)
         self.report()
