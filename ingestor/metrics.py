@@ -40,3 +40,19 @@ REST_REQUESTS = Counter("ingestor_rest_requests", "REST requests by endpoint and
                         ["worker", "market", "endpoint", "status"])
 REST_WEIGHT = Gauge("ingestor_rest_weight_used", "Request weight used in the current minute",
                     ["worker", "market"], multiprocess_mode="livesum")
+
+
+class Totals:
+    """Running totals kept as plain ints on the hot path, turned into counter increments
+    when a process reports (once a second): metrics cost nothing per message."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, int] = {}
+
+    def set(self, counter: Counter, total: int) -> None:
+        """``counter`` is a labelled child; ``total`` the count since the process started."""
+        key = id(counter)  # labelled children are cached by prometheus_client: stable ids
+        prev = self._seen.get(key, 0)
+        if total > prev:
+            counter.inc(total - prev)
+        self._seen[key] = total

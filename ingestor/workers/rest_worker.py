@@ -61,7 +61,7 @@ class RestWorker:
                                producer=ctx.name)
         self.done: dict[str, int] = {}
         self.failed = 0
-        self._reported: dict[tuple[str, ...], int] = {}
+        self.totals: Any = None  # metrics.Totals, created on the first report (after import)
 
     async def run(self) -> None:
         s = self.settings
@@ -123,20 +123,15 @@ class RestWorker:
 
         w = self.ctx.name
         client = getattr(self, "client", None)
+        if self.totals is None:
+            self.totals = M.Totals()
         if client is not None:
             for (market, endpoint, status), n in client.requests.items():
-                key = ("req", market, endpoint, str(status))
-                prev = self._reported.get(key, 0)
-                if n > prev:
-                    M.REST_REQUESTS.labels(w, market, endpoint, str(status)).inc(n - prev)
-                self._reported[key] = n
+                self.totals.set(M.REST_REQUESTS.labels(w, market, endpoint, str(status)), n)
             for market, budget in client.budgets.items():
                 M.REST_WEIGHT.labels(w, market).set(budget.used)
         for table, n in self.batcher.sent_rows.items():
-            prev = self._reported.get(("rows", table), 0)
-            if n > prev:
-                M.ROWS_SENT.labels(w, table).inc(n - prev)
-            self._reported[("rows", table)] = n
+            self.totals.set(M.ROWS_SENT.labels(w, table), n)
         self.status_queue.put({
             "worker": w, "kind": "rest", "time": time.time(), "requests_done": dict(self.done),
             "failed": self.failed,

@@ -144,7 +144,8 @@ class SocketWorker:
         }
         self.conns = [StreamConnection(c, c.url(s.ws_url(c.market)), self.handlers[c.market], s)
                       for c in connections]
-        self._reported: dict[Any, Any] = {}
+        self.totals: Any = None  # metrics.Totals, created on the first report (after import)
+        self._last_status: tuple[int, float] | None = None
 
     def _send(self, batch: Batch) -> None:
         self.out_queue.put(batch)
@@ -170,28 +171,30 @@ class SocketWorker:
         """Metrics as deltas since the last report, and a status line for /health."""
         from ingestor import metrics as M
 
+        if self.totals is None:
+            self.totals = M.Totals()
         w = self.ctx.name
         for m, h in self.handlers.items():
             for event, n in h.messages.items():
-                self._delta(M.MESSAGES.labels(w, m, event), ("msg", m, event), n)
+                self.totals.set(M.MESSAGES.labels(w, m, event), n)
             for reason, n in h.rejected.items():
-                self._delta(M.REJECTED.labels(w, m, reason), ("rej", m, reason), n)
-            self._delta(M.BYTES.labels(w, m), ("bytes", m), h.bytes_in)
-            self._delta(M.STALE.labels(w, m), ("stale", m), h.stale)
+                self.totals.set(M.REJECTED.labels(w, m, reason), n)
+            self.totals.set(M.BYTES.labels(w, m), h.bytes_in)
+            self.totals.set(M.STALE.labels(w, m), h.stale)
             for stream in ("aggTrade", "depth"):
                 n = sum(1 for g in h.gaps if g.stream == stream)
-                self._delta(M.GAPS.labels(w, m, stream), ("gap", m, stream), n)
+                self.totals.set(M.GAPS.labels(w, m, stream), n)
             reconnects = sum(c.reconnects for c in self.conns if c.spec.market == m)
-            self._delta(M.RECONNECTS.labels(w, m), ("rc", m), reconnects)
+            self.totals.set(M.RECONNECTS.labels(w, m), reconnects)
             M.CONNECTED.labels(w, m).set(sum(len(c.spec.streams) for c in self.conns
                                              if c.spec.market == m and c.connected))
         for table, n in self.batcher.sent_rows.items():
-            self._delta(M.ROWS_SENT.labels(w, table), ("rows", table), n)
+            self.totals.set(M.ROWS_SENT.labels(w, table), n)
         now = time.monotonic()
         msgs = sum(sum(h.messages.values()) for h in self.handlers.values())
-        prev = self._reported.get("status")
+        prev = self._last_status
         rate = 0.0 if prev is None else (msgs - prev[0]) / max(now - prev[1], 1e-9)
-        self._reported["status"] = (msgs, now)
+        self._last_status = (msgs, now)
         last = max((c.last_message for c in self.conns), default=0.0)
         self.status_queue.put({
             "worker": self.ctx.name, "kind": "socket", "time": time.time(),
@@ -206,11 +209,6 @@ class SocketWorker:
             "pending_rows": self.batcher.pending_rows(),
         })
 
-    def _delta(self, metric: Any, key: tuple[str, ...], total: int) -> None:
-        prev = self._reported.get(key, 0)
-        if total > prev:
-            metric.inc(total - prev)
-        self._reported[key] = total
 
 
 def main(settings: Settings, name: str, connections: list[Connection], symbols: dict[Market, list[str]],

@@ -52,13 +52,13 @@ class Writer:
         self.last_commit = 0.0
         self.db_ok = False
         self.db_error = ""
-        self._reported: dict[tuple[str, ...], int] = {}
         self._reader_done = threading.Event()
 
     async def run(self) -> None:
         from ingestor import metrics as M
 
         self.M = M
+        self.totals = M.Totals()
         loop = asyncio.get_running_loop()
         self.aq: asyncio.Queue[Batch | str] = asyncio.Queue(maxsize=64)
         reader = threading.Thread(target=self._read, args=(loop,), name="writer-reader", daemon=True)
@@ -209,9 +209,9 @@ class Writer:
     def report(self) -> None:
         M, w = self.M, self.ctx.name
         for table, n in self.rows.items():
-            self._delta(M.ROWS_WRITTEN.labels(w, table), ("rows", table), n)
+            self.totals.set(M.ROWS_WRITTEN.labels(w, table), n)
         for table, n in self.batches.items():
-            self._delta(M.COPY_BATCHES.labels(w, table), ("batches", table), n)
+            self.totals.set(M.COPY_BATCHES.labels(w, table), n)
         try:
             depth = self.in_queue.qsize()
         except NotImplementedError:  # macOS
@@ -222,12 +222,6 @@ class Writer:
             "rejected_rows": dict(self.rejected), "db_ok": self.db_ok, "db_error": self.db_error,
             "last_commit": self.last_commit or None, "queue_depth": depth + self.aq.qsize(),
         })
-
-    def _delta(self, metric: Any, key: tuple[str, ...], total: int) -> None:
-        prev = self._reported.get(key, 0)
-        if total > prev:
-            metric.inc(total - prev)
-        self._reported[key] = total
 
 
 async def _copy_rows(conn: asyncpg.Connection, table: str, rows: bytes) -> None:
