@@ -23,9 +23,10 @@ TABLES = ("agg_trades", "depth_updates", "mark_prices", "force_orders", "open_in
 
 
 def sim_flags(sim: Simulator) -> list[str]:
-    u = sim.urls
-    return ["--spot-ws-url", u["spot_ws"], "--futures-ws-url", u["futures_ws"],
-            "--spot-rest-url", u["spot_rest"], "--futures-rest-url", u["futures_rest"]]
+    flags = []
+    for market in sim.markets:
+        flags += [f"--{market}-ws-url", sim.urls[f"{market}_ws"], f"--{market}-rest-url", sim.urls[f"{market}_rest"]]
+    return flags
 
 
 class Pipeline:

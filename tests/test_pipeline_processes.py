@@ -148,3 +148,24 @@ async def test_health_turns_503_when_the_database_stops(sim: Simulator, tmp_path
     finally:
         await pipe.kill()
         await asyncio.to_thread(server.stop)
+
+
+@pytest.mark.parametrize("sim", [SimConfig(n_symbols=2, seed=11, markets=("spot",))], indirect=True)
+async def test_oversized_frames_close_and_reopen_the_connection(sim: Simulator, system_db: str) -> None:
+    # Spot diff-depth frames are a few hundred bytes; aggTrades about 200. A 250-byte
+    # limit makes the depth frames "too large" while trades still fit.
+    pipe = await Pipeline(["--dsn", system_db, "--markets", "spot", "--max-frame-bytes", "250",
+                           "--snapshot-interval-s", "0", *sim_flags(sim)]).start()
+    try:
+        async def reopened() -> bool:
+            text = await pipe.metrics()
+            oversize = sum(v for lab, v in samples(text, "ingestor_frames_rejected") if lab["reason"] == "oversize")
+            reconnects = sum(v for _, v in samples(text, "ingestor_reconnects"))
+            return oversize >= 2 and reconnects >= 2
+
+        await wait_until(reopened, 20, "oversized frames to close and reopen connections")
+        _, health = await pipe.health()
+        assert health["workers"]["socket-0"]["restarts"] == 0  # the worker itself never died
+        assert await pipe.stop() == 0
+    finally:
+        await pipe.kill()
