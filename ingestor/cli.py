@@ -116,12 +116,19 @@ def migrate(ctx: click.Context, **flags: Any) -> None:
 @click.pass_context
 def demo(ctx: click.Context, duration: float, n_symbols: int, as_json: bool, **flags: Any) -> None:
     """Run the simulator and the pipeline together, then compare stored rows with what was sent."""
+    from dataclasses import replace
+
     import uvloop
 
+    from ingestor.config import Settings
     from ingestor.demo import print_table, run_demo
     from ingestor.supervisor import StartupError
 
     settings = build_settings(ctx, flags)
+    if (ctx.obj or {}).get("log_level") is None and settings.log_level == Settings.log_level:
+        # The progress lines are the demo's output; the workers' INFO chatter would bury them.
+        settings = replace(settings, log_level="WARNING")
+        logging.getLogger().setLevel(logging.WARNING)
 
     def progress(line: str) -> None:
         if not as_json:
