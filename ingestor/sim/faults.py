@@ -31,7 +31,7 @@ FAULT_KINDS: dict[str, str] = {
     "unknown_event": "send a well-formed event of an unknown type",
     "rest_slow": "delay the next `count` REST replies by `delay` ms",
     "rest_5xx": "answer the next `count` REST requests with 503",
-    "rest_429": "answer the next `count` REST requests with 429 and Retry-After",
+    "rest_429": "answer the next `count` REST requests with 429 and Retry-After (`duration` s, default 30)",
 }
 
 

@@ -147,7 +147,7 @@ class RestApi:
                 return _json(orjson.dumps({"code": -1001, "msg": "Internal error; unable to "
                                            "process your request. Please try again."}), 503)
             elif fault.kind == "rest_429":
-                return self._too_many(429, 30.0)
+                return self._too_many(429, fault.duration or 30.0)
         status, retry = self.budget.charge(self._weight(request), time.time())
         if status != 200:
             return self._too_many(status, retry)
