@@ -95,7 +95,7 @@ class StreamConnection:
                     max_frame_size=self.settings.max_frame_bytes + 1024,
                     logger_name=f"ingestor.ws.{self.spec.market}",
                 ), 15.0)
-            except (TimeoutError, OSError, Exception) as exc:  # noqa: BLE001 - any failure: retry
+            except Exception as exc:  # noqa: BLE001 - DNS, TCP, TLS, handshake: all mean "try again"
                 attempt += 1
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
                 log.warning("%s %s: connect failed (%s); retrying in %.1f s", self.spec.market, self.spec.route,

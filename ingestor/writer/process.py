@@ -151,7 +151,7 @@ class Writer:
             except _CONNECTION_ERRORS as exc:
                 self._db_down(exc)
                 self.M.COPY_ERRORS.labels(self.ctx.name, table, "connection").inc()
-                await conn.close(timeout=1) if not conn.is_closed() else None
+                conn.terminate()  # the socket is already bad: no goodbye to wait for
                 conn = None
                 await asyncio.sleep(0.5)
                 continue
