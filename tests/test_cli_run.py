@@ -111,3 +111,17 @@ async def test_demo_json_on_the_embedded_default(tmp_path: Path) -> None:
     assert tables["agg_trades"]["sent"] > 100
     assert all(t["sent"] == t["stored"] for t in tables.values()), tables
     assert result["gaps"] == 0 and result["errors"] == 0 and result["msgs_per_s"] > 0
+
+
+@pytest.mark.parametrize("sim", [SimConfig(n_symbols=1)], indirect=True)
+async def test_run_without_dsn_starts_embedded_and_says_where(sim: Simulator, tmp_path: Path) -> None:
+    from .pipeline import Pipeline
+
+    pipe = await Pipeline([*sim_flags(sim)], env={"XDG_DATA_HOME": str(tmp_path)}).start()
+    try:
+        await pipe.wait_health(200)
+        assert await pipe.stop() == 0
+    finally:
+        await pipe.kill()
+    said = [line for line in pipe.log if "embedded PostgreSQL in" in line]
+    assert said and str(tmp_path / "ingestor" / "pg") in said[0] and "INGESTOR_DSN" in said[0]
