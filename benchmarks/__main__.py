@@ -1,4 +1,4 @@
-"""``python -m benchmarks {sim,pipeline,all} [--quick] [--out DIR]``: run suites, write a report."""
+"""``python -m benchmarks {sim,pipeline,book,all} [--quick] [--out DIR]``: run suites, write a report."""
 
 from __future__ import annotations
 
@@ -33,10 +33,17 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
                         levels=tuple(levels) if levels else None, window=getattr(args, "window", None))
 
 
+def _book(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import book
+
+    return book.run(args.quick, runs=getattr(args, "runs", None), seconds=getattr(args, "seconds", None))
+
+
 # Every suite, in the order ``all`` runs them.
 SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "sim": _sim,
     "pipeline": _pipeline,
+    "book": _book,
 }
 
 
@@ -62,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pipe.add_argument("--levels", type=_numbers(float), default=None,
                       help="offered msg/s, stepped up (quick 3000,10000; full 2000,5000,10000,20000)")
     pipe.add_argument("--window", type=float, default=None, help="measuring window, s (quick 8, full 20)")
+    book = sub.add_parser("book", parents=[common], help="order book level-updates/s: NumpyBook vs dict-and-sort")
+    book.add_argument("--runs", type=int, default=None, help="runs per payload (quick 3, full 5)")
+    book.add_argument("--seconds", type=float, default=None,
+                      help="simulated seconds of diffs per sim payload (quick 60, full 300)")
     sub.add_parser("all", parents=[common], help="every suite")
     return parser.parse_args(argv)
 

@@ -11,14 +11,17 @@ USD-M: drop events with ``u < lastUpdateId``; the first applied event must have
 event's ``u`` (USD-M ids are venue-wide, so ``U`` is not ``prev u + 1``).
 
 This is pure state: the caller does the I/O (subscribe first, then the snapshot). The
-book here keeps the exchange's decimal strings as keys, which is exact and enough for
-validation; the feature worker keeps its own numeric book.
+default book here keeps the exchange's decimal strings as keys, which is exact and enough
+for validation; the feature worker passes ``book_factory`` to build its own numeric book
+(``ingestor.features.book.NumpyBook``) under the same rules. After a ``DepthGap``,
+``reset()`` and start over: buffer diffs, fetch a new snapshot.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 from ingestor.binance.streams import Market
 
@@ -62,16 +65,39 @@ def _is_zero(qty: str) -> bool:
     return not qty.strip("0.")
 
 
-class DepthSync:
-    """One symbol's book sync. Feed every diff event; give it the snapshot when it
-    arrives; ``book`` is valid once ``synced``."""
+class SyncedBook(Protocol):
+    """What DepthSync needs of a book: its update id and applying Binance level lists."""
 
-    def __init__(self, market: Market) -> None:
+    last_update_id: int
+
+    def apply(self, bids: list[list[str]], asks: list[list[str]]) -> None: ...
+
+
+B = TypeVar("B", bound=SyncedBook)
+
+
+class DepthSync(Generic[B]):
+    """One symbol's book sync. Feed every diff event; give it the snapshot when it
+    arrives; ``book`` is valid once ``synced``. ``book_factory(lastUpdateId)`` makes the
+    empty book the snapshot is applied to (default: ``LocalBook``)."""
+
+    @overload
+    def __init__(self: DepthSync[LocalBook], market: Market) -> None: ...
+
+    @overload
+    def __init__(self, market: Market, book_factory: Callable[[int], B]) -> None: ...
+
+    def __init__(self, market: Market, book_factory: Callable[[int], Any] = LocalBook) -> None:
         self.market = market
+        self.book_factory = book_factory
         self.pending: list[dict[str, Any]] = []
-        self.book: LocalBook | None = None
+        self.book: B | None = None
         self.prev_u: int | None = None
         self.applied = 0
+
+    def reset(self) -> None:
+        """Forget the book and the buffer (after a DepthGap): buffer again, then resync."""
+        self.pending, self.book, self.prev_u = [], None, None
 
     @property
     def synced(self) -> bool:
@@ -83,7 +109,7 @@ class DepthSync:
         lid = int(snapshot["lastUpdateId"])
         if self.market == "spot" and self.pending and lid < self.pending[0]["U"] - 1:
             return False
-        book = LocalBook(lid)
+        book: B = self.book_factory(lid)
         book.apply(snapshot["bids"], snapshot["asks"])
         self.book, self.prev_u = book, None
         pending, self.pending = self.pending, []

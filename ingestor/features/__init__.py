@@ -1,0 +1,1 @@
+"""Order books, bars and order-flow indicators (FEATURES.md)."""
