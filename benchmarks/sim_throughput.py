@@ -37,17 +37,14 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from benchmarks.procs import Service
 from benchmarks.report import median, metric
 
 TARGET = 200_000
@@ -64,51 +61,24 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # ---- the simulator subprocess -------------------------------------------------------
 
 
-class SimProcess:
+class SimProcess(Service):
     """``ingestor simulate`` as a child process; stderr goes to a temporary file."""
 
     def __init__(self, n_symbols: int, rate: float, workers: int, seed: int = 1) -> None:
-        self.cmd = [sys.executable, "-m", "ingestor.cli", "--log-level", "WARNING", "simulate",
-                    "--markets", "spot", "--n-symbols", str(n_symbols), "--rate", str(rate),
-                    "--workers", str(workers), "--seed", str(seed)]
-        self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc: subprocess.Popen[str] | None = None
+        super().__init__("simulator", [
+            sys.executable, "-m", "ingestor.cli", "--log-level", "WARNING", "simulate", "--markets", "spot",
+            "--n-symbols", str(n_symbols), "--rate", str(rate), "--workers", str(workers), "--seed", str(seed)],
+            read_stdout=True)
         self.urls: dict[str, str] = {}
 
-    def start(self, timeout: float = 30.0) -> dict[str, str]:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
-                                  daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not line or not line[0].strip():
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"simulator printed no URL line within {timeout} s: {self.stderr_tail()}")
-        self.urls = orjson.loads(line[0])
-        return self.urls
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM; returns the exit code (0 expected)."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+    def start_and_read_urls(self, timeout: float = 30.0) -> dict[str, str]:
+        self.start()
         try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return -9
-
-    def stderr_tail(self, n: int = 2000) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read()[-n:]
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+            self.urls = orjson.loads(self.first_line(timeout))
+        except RuntimeError:
+            self.stop(5)
+            raise
+        return self.urls
 
 
 def _proc_stat(pid: int) -> tuple[int, float] | None:
@@ -295,7 +265,7 @@ def push_rate(workers: int, rate: float, n_symbols: int, connections: int, runs:
 
     streams = "/".join(f"{s.symbol.lower()}@aggTrade" for s in build_universe(None, n_symbols))
     sim = SimProcess(n_symbols, rate, workers, SEED)
-    urls = sim.start()
+    urls = sim.start_and_read_urls()
     results: list[dict[str, Any]] = []
     error = None
     try:
@@ -306,7 +276,7 @@ def push_rate(workers: int, rate: float, n_symbols: int, connections: int, runs:
     except Exception as exc:  # noqa: BLE001 - the report says what failed
         error = f"{type(exc).__name__}: {exc}"
     finally:
-        rc = sim.stop()
+        rc = sim.stop(30.0)
     return {"workers": workers, "rate": rate, "runs": results, "sim_exit_code": rc,
             "sim_stderr_tail": sim.stderr_tail(), "error": error, "command": " ".join(sim.cmd)}
 

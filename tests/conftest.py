@@ -18,6 +18,16 @@ from .databases import BACKENDS, Servers, check_backend, create_database, drop_d
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 DOCS_DATA = Path(__file__).resolve().parent / "data" / "binance_docs"
+# Real captures that together hold a snapshot and the diffs after it, per market.
+CAPTURE_SETS = [
+    ("spot", ["bmoscon_cryptofeed__sample_data-BINANCE.ws.1.0",
+              "bmoscon_cryptofeed__sample_data-BINANCE.http.0.0"]),
+    ("futures", ["bmoscon_cryptofeed__sample_data-BINANCE_FUTURES.ws.1.0",
+                 "bmoscon_cryptofeed__sample_data-BINANCE_FUTURES.http.0.0"]),
+    ("spot", ["bmoscon_cryptofeed__sample_data-BINANCE-ee25be.0@29970208"]),
+    ("spot", ["nkaz001_hftbacktest__examples-spot-btcusdt_20240808.gz"]),
+    ("futures", ["nkaz001_hftbacktest__examples-usdm-btcusdt_20240808.gz"]),
+]
 
 
 class Client(WSListener):

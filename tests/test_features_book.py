@@ -19,7 +19,7 @@ from ingestor.sim.captures import CapturedSnapshot, event_type, read_capture, sn
 from ingestor.sim.model import ModelParams
 from ingestor.sim.server import SimConfig, Simulator
 
-from .conftest import REALDATA, connect, get_json, post_json
+from .conftest import CAPTURE_SETS, REALDATA, connect, get_json, post_json
 
 
 def levels(book: NumpyBook) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
@@ -293,15 +293,6 @@ async def test_no_drift_against_simulator_over_thousands_of_updates(market: str)
 
 # ---- real captures ---------------------------------------------------------------------
 
-CAPTURE_SETS = [
-    ("spot", ["bmoscon_cryptofeed__sample_data-BINANCE.ws.1.0",
-              "bmoscon_cryptofeed__sample_data-BINANCE.http.0.0"]),
-    ("futures", ["bmoscon_cryptofeed__sample_data-BINANCE_FUTURES.ws.1.0",
-                 "bmoscon_cryptofeed__sample_data-BINANCE_FUTURES.http.0.0"]),
-    ("spot", ["bmoscon_cryptofeed__sample_data-BINANCE-ee25be.0@29970208"]),
-    ("spot", ["nkaz001_hftbacktest__examples-spot-btcusdt_20240808.gz"]),
-    ("futures", ["nkaz001_hftbacktest__examples-usdm-btcusdt_20240808.gz"]),
-]
 MAX_DIFFS = 2500  # per symbol after the sync: keeps the file to a few seconds
 
 

@@ -16,17 +16,7 @@ from ingestor.sim.encode import envelope
 from ingestor.sim.replay import derive_stream, event_market
 from ingestor.sim.server import SimConfig, Simulator
 
-from .conftest import REALDATA, connect, get_json
-
-CAPTURE_SETS = [
-    ("spot", ["bmoscon_cryptofeed__sample_data-BINANCE.ws.1.0",
-              "bmoscon_cryptofeed__sample_data-BINANCE.http.0.0"]),
-    ("futures", ["bmoscon_cryptofeed__sample_data-BINANCE_FUTURES.ws.1.0",
-                 "bmoscon_cryptofeed__sample_data-BINANCE_FUTURES.http.0.0"]),
-    ("spot", ["bmoscon_cryptofeed__sample_data-BINANCE-ee25be.0@29970208"]),
-    ("spot", ["nkaz001_hftbacktest__examples-spot-btcusdt_20240808.gz"]),
-    ("futures", ["nkaz001_hftbacktest__examples-usdm-btcusdt_20240808.gz"]),
-]
+from .conftest import CAPTURE_SETS, REALDATA, connect, get_json
 
 
 def _path(market: str, stream: str) -> str:
