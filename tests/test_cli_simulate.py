@@ -59,7 +59,9 @@ async def test_workers_share_the_ports_and_publish_the_same_sequence() -> None:
         clients = [await connect(urls["futures_ws"] + "/market/ws/btcusdt@aggTrade") for _ in range(6)]
         seqs = []
         for c in clients:
-            seqs.append({(e["a"], e["p"], e["q"]) for e in [await c.recv(timeout=10) for _ in range(40)]})
+            # 200 trades (over a second at this rate): the connections, opened one after
+            # another on a loaded host, still overlap.
+            seqs.append({(e["a"], e["p"], e["q"]) for e in [await c.recv(timeout=10) for _ in range(200)]})
         # Every process runs the same seeded model from the same start: where two
         # connections saw the same trade id, they saw the same trade.
         common = set.intersection(*seqs)
