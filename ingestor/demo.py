@@ -21,7 +21,7 @@ import orjson
 
 from ingestor.config import Settings, mask_dsn
 from ingestor.sim.server import SimConfig, Simulator
-from ingestor.supervisor import Supervisor
+from ingestor.supervisor import Supervisor, open_database
 
 log = logging.getLogger(__name__)
 
@@ -69,52 +69,70 @@ async def stored_rows(dsn: str, since_ms: int) -> tuple[dict[str, int], int]:
 
 async def run_demo(settings: Settings, duration_s: float, n_symbols: int,
                    progress: Callable[[str], None]) -> dict[str, Any]:
-    async with Simulator(SimConfig(n_symbols=n_symbols, record=True)) as sim:
-        u = sim.urls
-        settings = replace(settings, spot_ws_url=u["spot_ws"], futures_ws_url=u["futures_ws"],
-                           spot_rest_url=u["spot_rest"], futures_rest_url=u["futures_rest"],
-                           snapshot_interval_s=min(settings.snapshot_interval_s, 5.0) or 5.0,
-                           open_interest_interval_s=min(settings.open_interest_interval_s, 2.0) or 2.0)
-        started_ms = int(time.time() * 1000)
-        ready = asyncio.Event()
-        sup = Supervisor(settings)
-        task = asyncio.ensure_future(sup.run(lambda _: ready.set()))
-        done_or_ready = await asyncio.wait((task, asyncio.ensure_future(ready.wait())),
-                                           return_when=asyncio.FIRST_COMPLETED)
-        if task in done_or_ready[0]:
-            task.result()  # raises the start-up error
-        try:
-            t0 = time.monotonic()
-            while (elapsed := time.monotonic() - t0) < duration_s:
-                await asyncio.sleep(1.0)
-                _, health = sup.health()
-                msgs = sum(w.get("messages", 0) for w in health["workers"].values())
-                rows = sum(health["workers"].get("writer", {}).get("rows", {}).values())
-                progress(f"{elapsed:5.1f}/{duration_s:.0f} s  {msgs:>9,} messages  {rows:>9,} rows stored  "
-                         f"{health['status']}")
-            await sim.pause()
-            ran_s = time.monotonic() - t0
-            sent = sent_rows(sim)
-            deadline = time.monotonic() + CATCH_UP_S
-            while True:
-                stored, gaps = await stored_rows(sup.dsn, started_ms)
-                if all(stored[t] >= sent[t] for t in sent) or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.25)
+    # The demo owns the embedded server (when there is no DSN) so the tally can be read
+    # after the pipeline has stopped: only then are the REST counts final.
+    dsn, embedded = await open_database(settings)
+    try:
+        async with Simulator(SimConfig(n_symbols=n_symbols, record=True)) as sim:
+            return await _run(sim, replace(settings, dsn=dsn), duration_s, progress,
+                              "embedded" if embedded is not None else mask_dsn(dsn))
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+async def _run(sim: Simulator, settings: Settings, duration_s: float, progress: Callable[[str], None],
+               shown_dsn: str) -> dict[str, Any]:
+    u = sim.urls
+    settings = replace(settings, spot_ws_url=u["spot_ws"], futures_ws_url=u["futures_ws"],
+                       spot_rest_url=u["spot_rest"], futures_rest_url=u["futures_rest"],
+                       snapshot_interval_s=min(settings.snapshot_interval_s, 5.0) or 5.0,
+                       open_interest_interval_s=min(settings.open_interest_interval_s, 2.0) or 2.0)
+    assert settings.dsn is not None
+    started_ms = int(time.time() * 1000)
+    ready = asyncio.Event()
+    sup = Supervisor(settings)
+    task = asyncio.ensure_future(sup.run(lambda _: ready.set()))
+    done_or_ready = await asyncio.wait((task, asyncio.ensure_future(ready.wait())),
+                                       return_when=asyncio.FIRST_COMPLETED)
+    if task in done_or_ready[0]:
+        task.result()  # raises the start-up error
+    try:
+        t0 = time.monotonic()
+        while (elapsed := time.monotonic() - t0) < duration_s:
+            await asyncio.sleep(1.0)
             _, health = sup.health()
-        finally:
-            sup.request_stop()
-            await task
-        errors = sum(w.get("rejected", 0) + w.get("failed", 0) + sum(w.get("rejected_rows", {}).values())
-                     for w in health["workers"].values())
-        total = sum(stored[t] for t in WS_TABLES)
-        return {
-            "dsn": "embedded" if settings.dsn is None else mask_dsn(settings.dsn),
-            "duration_s": round(ran_s, 1),
-            "tables": {t: {"sent": sent[t], "stored": stored[t]} for t in sent},
-            "gaps": gaps, "errors": errors,
-            "msgs_per_s": round(total / max(ran_s, 1e-9), 1),
-        }
+            msgs = sum(w.get("messages", 0) for w in health["workers"].values())
+            rows = sum(health["workers"].get("writer", {}).get("rows", {}).values())
+            progress(f"{elapsed:5.1f}/{duration_s:.0f} s  {msgs:>9,} messages  {rows:>9,} rows stored  "
+                     f"{health['status']}")
+        await sim.pause()
+        ran_s = time.monotonic() - t0
+        # Frames already sent may still be crossing loopback: wait for them before the
+        # stop closes the sockets.
+        ws_sent = sent_rows(sim)
+        deadline = time.monotonic() + CATCH_UP_S
+        while time.monotonic() < deadline:
+            stored, _ = await stored_rows(settings.dsn, started_ms)
+            if all(stored[t] >= ws_sent[t] for t in WS_TABLES):
+                break
+            await asyncio.sleep(0.25)
+        _, health = sup.health()
+    finally:
+        sup.request_stop()
+        await task
+    sent = sent_rows(sim)  # final: the REST worker has stopped too
+    stored, gaps = await stored_rows(settings.dsn, started_ms)
+    errors = sum(w.get("rejected", 0) + w.get("failed", 0) + sum(w.get("rejected_rows", {}).values())
+                 for w in health["workers"].values())
+    total = sum(stored[t] for t in WS_TABLES)
+    return {
+        "dsn": shown_dsn,
+        "duration_s": round(ran_s, 1),
+        "tables": {t: {"sent": sent[t], "stored": stored[t]} for t in sent},
+        "gaps": gaps, "errors": errors,
+        "msgs_per_s": round(total / max(ran_s, 1e-9), 1),
+    }
 
 
 def print_table(result: dict[str, Any]) -> None:
