@@ -25,9 +25,23 @@ TABLES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# features: the bar's identity, then the indicator columns in ingestor.features' order.
+_FEATURE_INTS = frozenset({"fp_buy_imb", "fp_sell_imb", "fp_stacked_buy", "fp_stacked_sell", "signal"})
+_FEATURE_BOOLS = frozenset({"bull_div", "bear_div"})
+
+
+def _feature_columns() -> tuple[str, ...]:
+    from ingestor.features.indicators import FEATURE_COLUMNS
+
+    return ("market", "symbol", "bar_time", "bar_seconds", *FEATURE_COLUMNS)
+
+
+TABLES["features"] = _feature_columns()
+
 # Each table's time column: the one batches report their event-to-commit lag by.
 TIME_COLUMN: dict[str, str] = {t: ("time" if "time" in c else "event_time") for t, c in TABLES.items()}
 TIME_COLUMN["stream_gaps"] = "detected_at"
+TIME_COLUMN["features"] = "bar_time"
 
 _HEAD = {t: cb.tuple_header(len(c)) for t, c in TABLES.items()}
 MARKET_FIELD: dict[Market, bytes] = {"spot": cb.text("spot"), "futures": cb.text("futures")}
@@ -105,3 +119,20 @@ def stream_gap(
         opt_int(from_id), opt_int(to_id), opt_ts(from_ms), opt_ts(to_ms), cb.timestamptz_ms(detected_ms),
         cb.text(closed_how),
     ))
+
+
+def features(market: Market, symbol: str, bar_start_ms: int, bar_seconds: int, row: dict[str, Any]) -> bytes:
+    """One ``features`` row from ``FeatureState.update``'s dict (NaN -> NULL)."""
+    parts = [_HEAD["features"], MARKET_FIELD[market], symbol_field(symbol), cb.timestamptz_ms(bar_start_ms),
+             cb.int4(bar_seconds)]
+    for col in TABLES["features"][4:]:
+        v = row[col]
+        if col == "trades":
+            parts.append(cb.int8(int(v)))
+        elif col in _FEATURE_INTS:
+            parts.append(cb.int4(int(v)))
+        elif col in _FEATURE_BOOLS:
+            parts.append(cb.boolean(bool(v)))
+        else:
+            parts.append(cb.float8(float(v)))
+    return b"".join(parts)

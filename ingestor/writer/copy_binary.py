@@ -166,3 +166,25 @@ def tuple_offsets(rows: bytes) -> list[int]:
         raise EncodeError("truncated tuple data")
     out.append(end)
     return out
+
+
+_len_f64 = struct.Struct("!id")
+_len_i32 = struct.Struct("!ii")
+_TRUE = struct.pack("!ib", 1, 1)
+_FALSE = struct.pack("!ib", 1, 0)
+
+
+def float8(value: float) -> bytes:
+    """A ``double precision`` field; NaN (an undefined statistic) becomes NULL."""
+    return NULL if value != value else _len_f64.pack(8, value)
+
+
+def int4(value: int) -> bytes:
+    try:
+        return _len_i32.pack(4, value)
+    except struct.error as exc:
+        raise EncodeError(f"integer out of range: {value!r}") from exc
+
+
+def boolean(value: bool) -> bytes:
+    return _TRUE if value else _FALSE
