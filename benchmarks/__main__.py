@@ -1,4 +1,4 @@
-"""``python -m benchmarks {sim,pipeline,book,all} [--quick] [--out DIR]``: run suites, write a report."""
+"""``python -m benchmarks {sim,pipeline,book,features,all} [--quick] [--out DIR]``: run suites, write a report."""
 
 from __future__ import annotations
 
@@ -39,11 +39,18 @@ def _book(args: argparse.Namespace) -> dict[str, Any]:
     return book.run(args.quick, runs=getattr(args, "runs", None), seconds=getattr(args, "seconds", None))
 
 
+def _features(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import features
+
+    return features.run(args.quick)
+
+
 # Every suite, in the order ``all`` runs them.
 SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "sim": _sim,
     "pipeline": _pipeline,
     "book": _book,
+    "features": _features,
 }
 
 
@@ -73,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     book.add_argument("--runs", type=int, default=None, help="runs per payload (quick 3, full 5)")
     book.add_argument("--seconds", type=float, default=None,
                       help="simulated seconds of diffs per sim payload (quick 60, full 300)")
+    sub.add_parser("features", parents=[common], help="indicator cost per trade and per symbol-bar")
     sub.add_parser("all", parents=[common], help="every suite")
     return parser.parse_args(argv)
 
