@@ -30,7 +30,7 @@ from ingestor.binance.plan import Connection, plan
 from ingestor.binance.rest_client import RestClient, RestError
 from ingestor.binance.streams import Market
 from ingestor.binance.universe import Universe, UniverseError, resolve_universe
-from ingestor.config import Settings
+from ingestor.config import Settings, mask_dsn
 from ingestor.db.embedded import EmbeddedPostgres
 from ingestor.db.migrate import apply_policies, capabilities, migrate
 from ingestor.workers import rest_worker, socket_worker
@@ -80,8 +80,6 @@ async def open_database(settings: Settings) -> tuple[str, EmbeddedPostgres | Non
     except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as exc:
         if embedded is not None:
             embedded.stop()
-        from ingestor.config import mask_dsn
-
         raise StartupError(f"cannot connect to the database {mask_dsn(dsn)}: {exc}") from exc
     try:
         applied = await migrate(conn)
@@ -328,10 +326,8 @@ def release_reader_lock(q: Any) -> None:
     queue with acknowledged per-producer channels.)
     """
     lock = q._rlock  # no public API for this; see the docstring
-    if not lock.acquire(False):
-        lock.release()
-    else:
-        lock.release()
+    lock.acquire(False)  # taken now if it was free; either way it is ours to release
+    lock.release()
 
 
 async def run_supervisor(settings: Settings, ready: Callable[[Supervisor], None] | None = None) -> int:

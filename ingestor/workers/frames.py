@@ -87,7 +87,7 @@ class FrameHandler:
         self.bytes_in += len(frame)
         parts = split_envelope(frame)
         if parts is None:
-            self._reject("envelope", frame)
+            self.reject("envelope", frame)
             return
         self._on_payload(parts[1], frame)
 
@@ -100,7 +100,7 @@ class FrameHandler:
         try:
             msg = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            self._reject("json", frame)
+            self.reject("json", frame)
             return
         try:
             if isinstance(msg, list):
@@ -116,9 +116,9 @@ class FrameHandler:
             elif kind == "markPriceUpdate":
                 self._mark_price(msg, payload)
             else:
-                self._reject("unknown_event", frame)
+                self.reject("unknown_event", frame)
         except (KeyError, TypeError, ValueError, EncodeError, OverflowError):
-            self._reject("fields", frame)
+            self.reject("fields", frame)
 
     def _on_array(self, items: list[Any]) -> None:
         # All-market arrays (``!markPrice@arr``): each element becomes its own row; its
@@ -126,12 +126,12 @@ class FrameHandler:
         # second JSON scanner. orjson writes the same values back.
         for item in items:
             if not isinstance(item, dict) or item.get("e") != "markPriceUpdate":
-                self._reject("unknown_event", orjson.dumps(item))
+                self.reject("unknown_event", orjson.dumps(item))
                 continue
             try:  # one bad element costs itself, not the rest of the array
                 self._mark_price(item, orjson.dumps(item))
             except (KeyError, TypeError, ValueError, EncodeError, OverflowError):
-                self._reject("fields", orjson.dumps(item))
+                self.reject("fields", orjson.dumps(item))
 
     # -- events ---------------------------------------------------------------------
 
@@ -145,13 +145,7 @@ class FrameHandler:
         self._count("aggTrade")
         symbol, a, e_ms = msg["s"], msg["a"], msg["E"]
         row = rows.agg_trade(self.market, msg, payload)  # encode first: bad fields keep no state
-        keep, gap = self.seq.trade(symbol, a, e_ms)
-        if gap is not None:
-            self._gap(gap)
-        if keep:
-            self._add("agg_trades", row, e_ms)
-        else:
-            self.stale += 1
+        self._in_sequence("agg_trades", row, e_ms, *self.seq.trade(symbol, a, e_ms))
 
     def _depth(self, msg: dict[str, Any], payload: bytes) -> None:
         self._count("depthUpdate")
@@ -160,11 +154,14 @@ class FrameHandler:
         pu = msg.get("pu")
         if pu is not None and not isinstance(pu, int):  # checked before it moves the sequence
             raise TypeError(f"pu: {pu!r}")
-        keep, gap = self.seq.depth(msg["s"], msg["U"], msg["u"], pu, e_ms)
+        self._in_sequence("depth_updates", row, e_ms, *self.seq.depth(msg["s"], msg["U"], msg["u"], pu, e_ms))
+
+    def _in_sequence(self, table: str, row: bytes, e_ms: int, keep: bool, gap: Gap | None) -> None:
+        """Record the gap the event revealed; store it unless it is stale (already stored)."""
         if gap is not None:
             self._gap(gap)
         if keep:
-            self._add("depth_updates", row, e_ms)
+            self._add(table, row, e_ms)
         else:
             self.stale += 1
 
@@ -187,7 +184,7 @@ class FrameHandler:
         if self.on_gap is not None:
             self.on_gap(self.market, gap)
 
-    def _reject(self, reason: str, frame: bytes) -> None:
+    def reject(self, reason: str, frame: bytes) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         now = self.clock()
         if now - self.last_reject_log >= 10.0:  # a hostile stream must not flood the log

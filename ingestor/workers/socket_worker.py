@@ -47,7 +47,7 @@ class _Listener(WSListener):
         if frame.msg_type == WSMsgType.TEXT and frame.fin:
             self.conn.on_text(frame.get_payload_as_bytes())
         elif frame.msg_type in (WSMsgType.TEXT, WSMsgType.CONTINUATION, WSMsgType.BINARY):
-            self.conn.handler._reject("frame_type", b"")  # Binance sends whole text frames only
+            self.conn.handler.reject("frame_type", b"")  # Binance sends whole text frames only
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.conn.on_disconnected()
@@ -73,7 +73,7 @@ class StreamConnection:
     def on_text(self, payload: bytes) -> None:
         self.last_message = time.monotonic()
         if len(payload) > self.settings.max_frame_bytes:
-            self.handler._reject("oversize", payload)
+            self.handler.reject("oversize", payload)
             if self.transport is not None:
                 self.transport.disconnect()
             return
