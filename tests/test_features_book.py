@@ -165,11 +165,19 @@ def test_futures_sync_uses_pu_detects_gap_and_resyncs() -> None:
     assert sync.on_snapshot({"lastUpdateId": 165, "bids": [["0.9", "4"]], "asks": [["1.1", "2"], ["1.3", "1"]]})
     assert sync.book is not None
     assert levels(sync.book) == ([(0.95, 1.0), (0.9, 4.0)], [(1.3, 1.0)])
-    # A snapshot newer than the first buffered event's range cannot be bridged: a gap.
+    # A snapshot older than the first buffered event cannot be bridged: fetch another.
     late = new_sync("futures")
     late.on_event(_ev(300, 310, 290))
+    assert not late.on_snapshot({"lastUpdateId": 250, "bids": [], "asks": []})
+    assert not late.synced and len(late.pending) == 1
+    assert late.on_snapshot({"lastUpdateId": 305, "bids": [], "asks": []})  # U 300 <= 305 <= u 310
+    assert late.book is not None and late.book.last_update_id == 310
+    # A hole inside the buffer still shows as a gap once the book is installed.
+    holed = new_sync("futures")
+    holed.on_event(_ev(300, 310, 290))
+    holed.on_event(_ev(320, 330, 315))
     with pytest.raises(DepthGap):
-        late.on_snapshot({"lastUpdateId": 250, "bids": [], "asks": []})
+        holed.on_snapshot({"lastUpdateId": 305, "bids": [], "asks": []})
 
 
 # ---- drift -------------------------------------------------------------------------------

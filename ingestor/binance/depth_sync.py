@@ -27,7 +27,15 @@ from ingestor.binance.streams import Market
 
 
 class DepthGap(Exception):
-    """The diff stream skipped updates: the book must be rebuilt from a new snapshot."""
+    """The diff stream skipped updates: the book must be rebuilt from a new snapshot.
+
+    ``first_missing``..``last_missing`` are the update ids that never arrived (on USD-M,
+    where ids are venue-wide, the range they lie in)."""
+
+    def __init__(self, message: str, first_missing: int, last_missing: int) -> None:
+        super().__init__(message)
+        self.first_missing = first_missing
+        self.last_missing = last_missing
 
 
 @dataclass
@@ -79,17 +87,22 @@ B = TypeVar("B", bound=SyncedBook)
 class DepthSync(Generic[B]):
     """One symbol's book sync. Feed every diff event; give it the snapshot when it
     arrives; ``book`` is valid once ``synced``. ``book_factory(lastUpdateId)`` makes the
-    empty book the snapshot is applied to (default: ``LocalBook``)."""
+    empty book the snapshot is applied to (default: ``LocalBook``). ``before_apply(ev)``,
+    if given, sees each event just before it changes the book (buffered ones included,
+    when the snapshot arrives): the feature engine reads the book there."""
 
     @overload
     def __init__(self: DepthSync[LocalBook], market: Market) -> None: ...
 
     @overload
-    def __init__(self, market: Market, book_factory: Callable[[int], B]) -> None: ...
+    def __init__(self, market: Market, book_factory: Callable[[int], B],
+                 before_apply: Callable[[dict[str, Any]], None] | None = None) -> None: ...
 
-    def __init__(self, market: Market, book_factory: Callable[[int], Any] = LocalBook) -> None:
+    def __init__(self, market: Market, book_factory: Callable[[int], Any] = LocalBook,
+                 before_apply: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.market = market
         self.book_factory = book_factory
+        self.before_apply = before_apply
         self.pending: list[dict[str, Any]] = []
         self.book: B | None = None
         self.prev_u: int | None = None
@@ -104,10 +117,11 @@ class DepthSync(Generic[B]):
         return self.book is not None
 
     def on_snapshot(self, snapshot: dict[str, Any]) -> bool:
-        """Install a REST snapshot. False: it is older than the buffered events (spot's
-        rule), so fetch another one."""
+        """Install a REST snapshot. False: it is older than the first buffered event (the
+        changes between them are on no event), so fetch another one: Spot's rule, and on
+        USD-M the first event to apply must start at or before ``lastUpdateId``."""
         lid = int(snapshot["lastUpdateId"])
-        if self.market == "spot" and self.pending and lid < self.pending[0]["U"] - 1:
+        if self.pending and lid < self.pending[0]["U"] - (1 if self.market == "spot" else 0):
             return False
         book: B = self.book_factory(lid)
         book.apply(snapshot["bids"], snapshot["asks"])
@@ -128,17 +142,23 @@ class DepthSync(Generic[B]):
             if u <= book.last_update_id:
                 return False
             if U > book.last_update_id + 1:
-                raise DepthGap(f"{ev.get('s')}: U={U} after local update id {book.last_update_id}")
+                raise DepthGap(f"{ev.get('s')}: U={U} after local update id {book.last_update_id}",
+                               book.last_update_id + 1, U - 1)
         elif self.prev_u is None:
             if u < book.last_update_id:
                 return False
             if U > book.last_update_id:
                 raise DepthGap(f"{ev.get('s')}: first event U={U} > lastUpdateId "
-                               f"{book.last_update_id}")
+                               f"{book.last_update_id}", book.last_update_id + 1, U - 1)
         elif ev["pu"] != self.prev_u:
-            raise DepthGap(f"{ev.get('s')}: pu={ev['pu']} != previous u={self.prev_u}")
-        self.prev_u = u
+            raise DepthGap(f"{ev.get('s')}: pu={ev['pu']} != previous u={self.prev_u}",
+                           self.prev_u + 1, max(ev["pu"], self.prev_u + 1))
+        if self.before_apply is not None:
+            self.before_apply(ev)
+        # Apply first: a diff with a bad level raises before the sequence moves, so the
+        # next diff reveals the hole (a gap, then a resync) instead of the book missing it.
         book.apply(ev["b"], ev["a"])
+        self.prev_u = u
         book.last_update_id = u
         self.applied += 1
         return True

@@ -29,6 +29,7 @@ book as it is until the next ``apply`` (which may update quantities in place).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -175,9 +176,9 @@ class NumpyBook:
                 f"best={self.best_bid()}/{self.best_ask()})")
 
 
-def new_sync(market: Market) -> DepthSync[NumpyBook]:
+def new_sync(market: Market, before_apply: Callable[[dict[str, Any]], None] | None = None) -> DepthSync[NumpyBook]:
     """Binance's sync procedure for ``market`` building a ``NumpyBook``."""
-    return DepthSync(market, NumpyBook)
+    return DepthSync(market, NumpyBook, before_apply)
 
 
 def _cut(p: F64, q: F64, lo: float, hi: float) -> tuple[F64, F64]:
@@ -186,17 +187,26 @@ def _cut(p: F64, q: F64, lo: float, hi: float) -> tuple[F64, F64]:
     return p[i:j], q[i:j]
 
 
-def _side_mismatches(bp: F64, bq: F64, sp: F64, sq: F64) -> int:
+def _side_mismatches(bp: F64, bq: F64, sp: F64, sq: F64, changed: F64 | None) -> int:
+    if changed is not None and changed.size:
+        kb, ks = ~np.isin(bp, changed), ~np.isin(sp, changed)
+        bp, bq, sp, sq = bp[kb], bq[kb], sp[ks], sq[ks]
     common, ib, is_ = np.intersect1d(bp, sp, assume_unique=True, return_indices=True)
     n = common.shape[0]
     return int(bp.shape[0] - n + sp.shape[0] - n + np.count_nonzero(bq[ib] != sq[is_]))
 
 
-def drift(book: NumpyBook, snapshot: dict[str, Any], limit: int | None = None) -> int:
+def drift(book: NumpyBook, snapshot: dict[str, Any], limit: int | None = None, changed: F64 | None = None) -> int:
     """Levels where ``book`` and a REST depth ``snapshot`` disagree (0: no drift).
 
-    Only meaningful when the snapshot's ``lastUpdateId`` is the ``u`` of the last diff
-    applied to the book (FEATURES.md, "no drift"); anything else raises ValueError.
+    Exact when the snapshot's ``lastUpdateId`` is the ``u`` of the last diff applied to
+    the book (FEATURES.md, "no drift"). A snapshot usually falls inside a diff instead
+    (``U <= lastUpdateId < u``), or the book has moved on since: then ``changed`` holds
+    the prices of every level that the diffs applied after the snapshot (the one spanning
+    it included) touched. Those levels are left out; every other level has not changed
+    since the snapshot and must equal it. Without ``changed``, a snapshot at any other
+    update id raises ValueError.
+
     Levels are compared over the price range the snapshot covers: bids at or above its
     lowest bid, asks at or below its highest ask, since its depth limit leaves deeper
     levels out. When ``limit`` (the request's) is given and a side holds fewer levels
@@ -208,7 +218,7 @@ def drift(book: NumpyBook, snapshot: dict[str, Any], limit: int | None = None) -
     counts once when it is missing on either side or its quantity differs.
     """
     lid = int(snapshot["lastUpdateId"])
-    if lid != book.last_update_id:
+    if changed is None and lid != book.last_update_id:
         raise ValueError(f"snapshot lastUpdateId {lid} != book update id {book.last_update_id}")
     total = 0
     for is_bid in (True, False):
@@ -223,5 +233,5 @@ def drift(book: NumpyBook, snapshot: dict[str, Any], limit: int | None = None) -
         else:
             known = np.inf if book.ask_ceiling is None else book.ask_ceiling
             lo, hi = -np.inf, min(known, np.inf if whole else float(sp[-1]))
-        total += _side_mismatches(*_cut(bp, bq, lo, hi), *_cut(sp, sq, lo, hi))
+        total += _side_mismatches(*_cut(bp, bq, lo, hi), *_cut(sp, sq, lo, hi), changed)
     return total
