@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 from ingestor.binance.streams import DEPTH_SPEEDS, MARKETS, Market
+from ingestor.features.indicators import FeatureSettings
 
 ENV_PREFIX = "INGESTOR_"
 
@@ -76,6 +77,13 @@ class Settings:
         "TimescaleDB: compress chunks older than this many days (0: off; needs the Timescale licence)"))
     retention_days: int = field(default=0, metadata=_opt(
         "TimescaleDB: drop chunks older than this many days (0: keep everything)"))
+    features: bool = field(default=True, metadata=_opt(
+        "compute the order-flow indicators in a feature worker (false: record only)"))
+    feature_params: tuple[str, ...] = field(default=(), metadata=_opt(
+        "indicator parameters as NAME=VALUE, e.g. bar_seconds=15,window=120 (names: FEATURES.md, "
+        "ingestor/features/indicators.py FeatureSettings)"))
+    feature_watchlist: tuple[str, ...] = field(default=(), metadata=_opt(
+        "symbols whose latest indicators are exported as per-symbol gauges (keep it short)"))
     log_level: str = field(default="INFO", metadata=_opt("DEBUG, INFO, WARNING or ERROR"))
 
     # -- derived --------------------------------------------------------------------
@@ -91,6 +99,10 @@ class Settings:
         speed = self.spot_depth_speed if market == "spot" else self.futures_depth_speed
         default_ms = DEPTH_SPEEDS[market][""]
         return "@depth" if speed == f"{default_ms}ms" else f"@depth@{speed}"
+
+    def feature_settings(self) -> FeatureSettings:
+        """The indicator parameters: FEATURES.md's defaults with ``feature_params`` applied."""
+        return parse_feature_params(self.feature_params)
 
     @property
     def market_list(self) -> tuple[Market, ...]:
@@ -155,6 +167,8 @@ def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
             return tuple(s.strip() for s in items if s.strip())
         if kind == "str | None":
             return str(raw) or None
+        if kind == "bool":
+            return _bool(raw)
         return str(raw)
     except ValueError as exc:
         raise ConfigError(f"{f.name}: {raw!r} is not a valid {kind}") from exc
@@ -183,8 +197,9 @@ def load_settings(
                 values[f.name] = _convert(f, src[env_name(f.name)])
         if flags and flags.get(f.name) is not None:
             values[f.name] = _convert(f, flags[f.name])
-    if "symbols" in values:  # stream names are built from them: one spelling, no repeats
-        values["symbols"] = tuple(dict.fromkeys(sym.upper() for sym in values["symbols"]))
+    for name in ("symbols", "feature_watchlist"):  # stream names are built from them: one spelling, no repeats
+        if name in values:
+            values[name] = tuple(dict.fromkeys(sym.upper() for sym in values[name]))
     settings = Settings(**values)
     validate(settings)
     return settings
@@ -226,8 +241,45 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"http_port must be 0-65535 (got {s.http_port})")
     if not 0 < s.rest_weight_share <= 0.9:
         raise ConfigError(f"rest_weight_share must be in (0, 0.9] (got {s.rest_weight_share})")
+    parse_feature_params(s.feature_params)
+    for sym in s.feature_watchlist:
+        if not sym.isalnum() or not sym.isascii():
+            raise ConfigError(f"feature_watchlist: not a symbol: {sym!r}")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log_level: {s.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+
+
+def _bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def parse_feature_params(params: tuple[str, ...]) -> FeatureSettings:
+    """``("window=120", "obi_levels=20")`` -> FeatureSettings; ConfigError names the bad one."""
+    known = {f.name: f.type for f in fields(FeatureSettings)}
+    values: dict[str, Any] = {}
+    for item in params:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or name not in known:
+            raise ConfigError(f"feature_params: {item!r} is not NAME=VALUE with NAME one of {', '.join(known)}")
+        try:
+            values[name] = int(raw) if known[name] == "int" else float(raw)
+        except ValueError:
+            raise ConfigError(f"feature_params: {name} must be a{'n integer' if known[name] == 'int' else ' number'}"
+                              f" (got {raw.strip()!r})") from None
+        if isinstance(values[name], float) and not math.isfinite(values[name]):
+            raise ConfigError(f"feature_params: {name} must be finite (got {raw.strip()!r})")
+    try:
+        return FeatureSettings(**values)
+    except ValueError as exc:
+        raise ConfigError(f"feature_params: {exc}") from None
 
 
 def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:

@@ -41,6 +41,32 @@ REST_REQUESTS = Counter("ingestor_rest_requests", "REST requests by endpoint and
 REST_WEIGHT = Gauge("ingestor_rest_weight_used", "Request weight used in the current minute",
                     ["worker", "market"], multiprocess_mode="livesum")
 
+# The feature worker.
+BOOKS = Gauge("ingestor_books", "Order books by sync state (idle, syncing, synced)", ["worker", "market", "state"],
+              multiprocess_mode="livesum")
+BOOK_SYNCS = Counter("ingestor_book_syncs", "Books built from a REST snapshot, by reason (start, gap, drift)",
+                     ["worker", "market", "reason"])
+DRIFT_CHECKS = Counter("ingestor_book_drift_checks",
+                       "Books compared with a later REST snapshot, by result (ok, mismatch, skipped)",
+                       ["worker", "market", "result"])
+DRIFT_LEVELS = Counter("ingestor_book_drift_levels", "Levels at which a book disagreed with a later snapshot",
+                       ["worker", "market"])
+FEATURE_EVENTS = Counter("ingestor_feature_events", "Events the feature worker processed, by kind",
+                         ["worker", "market", "kind"])
+FEATURE_REJECTED = Counter("ingestor_feature_events_rejected", "Events the feature worker could not use, by kind",
+                           ["worker", "market", "kind"])
+FEATURE_LATE = Counter("ingestor_feature_late_events",
+                       "Trades and liquidations that came after their bar had closed (not counted in it)",
+                       ["worker", "market"])
+FEATURE_BARS = Counter("ingestor_feature_bars", "Feature rows (symbol-bars) emitted", ["worker", "market"])
+FEATURE_INPUT_LAG = Gauge("ingestor_feature_input_lag_seconds",
+                          "Wall clock minus the latest event time the feature worker has processed",
+                          ["worker", "market"], multiprocess_mode="livemax")
+FEATURE_BAR_DELAY = Histogram("ingestor_feature_bar_delay_seconds", "Bar end to its feature row being emitted",
+                              ["worker", "market"], buckets=(0.5, 1, 1.5, 2, 3, 5, 10, 30, 60, 120, 300))
+FEATURE_VALUE = Gauge("ingestor_feature_value", "Latest indicator of a symbol on the feature watchlist",
+                      ["worker", "market", "symbol", "indicator"], multiprocess_mode="livesum")
+
 
 class Totals:
     """Running totals kept as plain ints on the hot path, turned into counter increments

@@ -4,7 +4,8 @@ Owns the process tree. Children are started with the ``spawn`` context (no inher
 event loop, sockets or threads). A child that dies is restarted with exponential
 backoff; the backoff resets once it has run for a minute. SIGINT/SIGTERM stop the
 producers first (socket and REST workers hand over every row they hold), then the
-writer drains everything queued before it exits, then the supervisor exits 0.
+feature worker finishes what they fed it, then the writer drains everything queued
+before it exits, then the supervisor exits 0.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from ingestor.binance.universe import Universe, UniverseError, resolve_universe
 from ingestor.config import Settings, mask_dsn
 from ingestor.db.embedded import EmbeddedPostgres
 from ingestor.db.migrate import apply_policies, capabilities, migrate
+from ingestor.db.reference import record_symbol_info
+from ingestor.features import feed
+from ingestor.features import worker as feature_worker
 from ingestor.workers import rest_worker, socket_worker
 from ingestor.writer import process as writer_process
 
@@ -41,7 +45,9 @@ log = logging.getLogger(__name__)
 RESTART_BACKOFF_MAX_S = 30.0
 RESTART_RESET_AFTER_S = 60.0
 PRODUCER_STOP_TIMEOUT_S = 30.0
+FEATURES_DRAIN_TIMEOUT_S = 60.0
 WRITER_DRAIN_TIMEOUT_S = 120.0
+FEATURE_LAG_PROBLEM_S = 30.0
 
 
 class StartupError(Exception):
@@ -51,9 +57,10 @@ class StartupError(Exception):
 @dataclass
 class Child:
     name: str
-    kind: str  # socket | rest | writer
+    kind: str  # socket | rest | features | writer
     target: Callable[..., None]
     args: tuple[Any, ...]
+    reads: tuple[Any, ...] = ()  # queues it is the only reader of
     process: Any = None
     restarts: int = 0
     started_at: float = 0.0
@@ -147,19 +154,30 @@ class Supervisor:
             log.info("recording %d symbols (%s) on %d shard(s), %d connections", self.universe.count(),
                      ", ".join(f"{m}: {len(v)}" for m, v in symbols.items()), s.shards,
                      sum(len(c) for c in self.shards))
+            await self._record_symbol_info()
             self.metrics_dir = self._metrics_dir()
             self.queue = self.ctx.Queue()
             self.status_queue = self.ctx.Queue()
             self.stop_event = self.ctx.Event()
+            # The feature worker's input (feeds and snapshots) and its snapshot requests.
+            self.feature_queue = self.ctx.Queue() if s.features else None
+            self.request_queue = self.ctx.Queue() if s.features else None
             self.children.append(Child("writer", "writer", writer_process.main,
-                                       (s, "writer", self.dsn, self.queue, self.status_queue)))
+                                       (s, "writer", self.dsn, self.queue, self.status_queue), (self.queue,)))
+            if s.features:
+                ticks = {k: float(v) for k, v in self.universe.tick_sizes.items()}
+                self.children.append(Child("features", "features", feature_worker.main,
+                                           (s, "features", ticks, self.feature_queue, self.queue,
+                                            self.request_queue, self.status_queue), (self.feature_queue,)))
             for i, conns in enumerate(self.shards):
                 name = f"socket-{i}"
                 self.children.append(Child(name, "socket", socket_worker.main,
                                            (s, name, conns, symbols, self.queue, self.status_queue,
-                                            self.stop_event)))
+                                            self.stop_event, self.feature_queue)))
             self.children.append(Child("rest", "rest", rest_worker.main,
-                                       (s, "rest", symbols, self.queue, self.status_queue, self.stop_event)))
+                                       (s, "rest", symbols, self.queue, self.status_queue, self.stop_event,
+                                        self.feature_queue, self.request_queue),
+                                       (self.request_queue,) if self.request_queue is not None else ()))
             for child in self.children:
                 self._start(child)
             threading.Thread(target=self._read_status, name="status-reader", daemon=True).start()
@@ -183,6 +201,16 @@ class Supervisor:
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
         return 0
+
+    async def _record_symbol_info(self) -> None:
+        assert self.universe is not None
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            n = await record_symbol_info(conn, self.universe, int(time.time() * 1000))
+        finally:
+            await conn.close()
+        if n:
+            log.info("stored the exchange info of %d symbol(s) (new or changed)", n)
 
     def request_stop(self) -> None:
         if not self._stop_requested.is_set():
@@ -208,8 +236,8 @@ class Supervisor:
                     log.error("%s (pid %d) exited with %s; restarting in %.1f s", child.name, proc.pid,
                               proc.exitcode, child.backoff_s)
                     multiprocess.mark_process_dead(proc.pid)
-                    if child.kind == "writer":
-                        release_reader_lock(self.queue)
+                    for q in child.reads:
+                        release_reader_lock(q)
                     child.process = None
                     child.next_start = now + child.backoff_s
                     child.backoff_s = min(RESTART_BACKOFF_MAX_S, child.backoff_s * 2)
@@ -256,9 +284,16 @@ class Supervisor:
 
         self.stopping = True
         self.stop_event.set()
-        producers = [c for c in self.children if c.kind != "writer"]
+        producers = [c for c in self.children if c.kind in ("socket", "rest")]
         writer = next(c for c in self.children if c.kind == "writer")
         await self._join(producers, PRODUCER_STOP_TIMEOUT_S)
+        features = [c for c in self.children if c.kind == "features"]
+        if features and self.feature_queue is not None:
+            if features[0].process is not None and features[0].process.exitcode is None:
+                self.feature_queue.put(feed.DRAIN)  # after everything the producers fed it
+                await self._join(features, FEATURES_DRAIN_TIMEOUT_S)
+            else:
+                log.warning("the feature worker is not running: bars still open are not written")
         if writer.process is None or writer.process.exitcode is not None:
             self._start(writer)  # died during shutdown: the queue still holds its work
         self.queue.put(writer_process.DRAIN)
@@ -302,6 +337,11 @@ class Supervisor:
             if c.kind == "socket" and st and st.get("connected", 0) < st.get("connections", 0):
                 if time.monotonic() - c.started_at > 10.0:
                     problems.append(f"{c.name}: {st['connections'] - st['connected']} connection(s) down")
+            if c.kind == "features" and st:
+                for market, m in st.get("markets", {}).items():
+                    lag = m.get("input_lag_s")
+                    if lag is not None and lag > FEATURE_LAG_PROBLEM_S and st.get("queue_depth", 0) > 0:
+                        problems.append(f"{c.name}: {market} input {lag:.0f} s behind")
         writer = workers.get("writer", {})
         last_commit = writer.get("last_commit")
         db = {"reachable": self.db_reachable and bool(writer.get("db_ok", True)),

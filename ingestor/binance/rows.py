@@ -22,7 +22,9 @@ TABLES: dict[str, tuple[str, ...]] = {
     "depth_snapshots": ("market", "time", "symbol", "market_type", "payload"),
     "stream_gaps": (
         "market", "symbol", "stream", "from_id", "to_id", "from_time", "to_time", "detected_at", "closed_how",
+        "closed_at",
     ),
+    "book_syncs": ("market", "time", "symbol", "snapshot_time", "last_update_id", "reason", "buffered"),
 }
 
 # features: the bar's identity, then the indicator columns in ingestor.features' order.
@@ -41,6 +43,7 @@ TABLES["features"] = _feature_columns()
 # Each table's time column: the one batches report their event-to-commit lag by.
 TIME_COLUMN: dict[str, str] = {t: ("time" if "time" in c else "event_time") for t, c in TABLES.items()}
 TIME_COLUMN["stream_gaps"] = "detected_at"
+TIME_COLUMN["book_syncs"] = "time"
 TIME_COLUMN["features"] = "bar_time"
 
 _HEAD = {t: cb.tuple_header(len(c)) for t, c in TABLES.items()}
@@ -107,6 +110,7 @@ def depth_snapshot(market: Market, symbol: str, time_ms: int, payload: bytes) ->
 def stream_gap(
     market: Market, symbol: str, stream: str, from_id: int | None, to_id: int | None,
     from_ms: int | None, to_ms: int | None, detected_ms: int, closed_how: str = "open",
+    closed_ms: int | None = None,
 ) -> bytes:
     def opt_int(v: int | None) -> bytes:
         return cb.NULL if v is None else cb.int8(v)
@@ -117,7 +121,16 @@ def stream_gap(
     return b"".join((
         _HEAD["stream_gaps"], MARKET_FIELD[market], symbol_field(symbol), cb.text(stream),
         opt_int(from_id), opt_int(to_id), opt_ts(from_ms), opt_ts(to_ms), cb.timestamptz_ms(detected_ms),
-        cb.text(closed_how),
+        cb.text(closed_how), opt_ts(closed_ms),
+    ))
+
+
+def book_sync(market: Market, symbol: str, time_ms: int, snapshot_time_ms: int, last_update_id: int,
+              reason: str, buffered: int) -> bytes:
+    """The feature worker built ``symbol``'s book from the snapshot stored at ``snapshot_time_ms``."""
+    return b"".join((
+        _HEAD["book_syncs"], MARKET_FIELD[market], cb.timestamptz_ms(time_ms), symbol_field(symbol),
+        cb.timestamptz_ms(snapshot_time_ms), cb.int8(last_update_id), cb.text(reason), cb.int4(buffered),
     ))
 
 

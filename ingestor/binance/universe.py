@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -25,6 +25,10 @@ class Universe:
     symbols: dict[Market, tuple[str, ...]]
     # Trades per day from the 24 h ticker: the expected load used to balance shards.
     trades_per_day: dict[tuple[Market, str], float]
+    # Each chosen symbol's exchangeInfo entry (JSON) and PRICE_FILTER tickSize (its decimal
+    # string): the indicators count price moves in ticks.
+    info: dict[tuple[Market, str], bytes] = field(default_factory=dict)
+    tick_sizes: dict[tuple[Market, str], str] = field(default_factory=dict)
 
     def count(self) -> int:
         return sum(len(s) for s in self.symbols.values())
@@ -77,12 +81,39 @@ def trading_symbols(exchange_info: Mapping[str, Any]) -> list[str]:
     return [s["symbol"] for s in exchange_info.get("symbols", ()) if s.get("status") == "TRADING"]
 
 
+def tick_size(entry: Mapping[str, Any]) -> str | None:
+    """A symbol entry's PRICE_FILTER ``tickSize`` (a decimal string), or None if it has none."""
+    for f in entry.get("filters", ()):
+        if f.get("filterType") == "PRICE_FILTER":
+            tick = f.get("tickSize")
+            return str(tick) if tick is not None and float(tick) > 0 else None
+    return None
+
+
+def with_symbol_info(universe: Universe, infos: Mapping[Market, Mapping[str, Any]]) -> Universe:
+    """The universe with each chosen symbol's exchangeInfo entry and tick size attached."""
+    info: dict[tuple[Market, str], bytes] = {}
+    ticks: dict[tuple[Market, str], str] = {}
+    for market, symbols in universe.symbols.items():
+        by_name = {e.get("symbol"): e for e in infos.get(market, {}).get("symbols", ())}
+        for sym in symbols:
+            entry = by_name.get(sym)
+            if entry is None:
+                continue
+            info[(market, sym)] = orjson.dumps(entry)
+            tick = tick_size(entry)
+            if tick is not None:
+                ticks[(market, sym)] = tick
+    return replace(universe, info=info, tick_sizes=ticks)
+
+
 async def resolve_universe(client: RestClient, markets: Sequence[Market], symbols: Sequence[str] = (),
                            top: int = 0) -> Universe:
     trading: dict[Market, list[str]] = {}
     tickers: dict[Market, list[dict[str, Any]]] = {}
+    infos: dict[Market, dict[str, Any]] = {}
     for m in markets:
-        info = orjson.loads(await client.get(m, "exchangeInfo", weight=EXCHANGE_INFO_WEIGHT[m]))
-        trading[m] = trading_symbols(info)
+        infos[m] = orjson.loads(await client.get(m, "exchangeInfo", weight=EXCHANGE_INFO_WEIGHT[m]))
+        trading[m] = trading_symbols(infos[m])
         tickers[m] = orjson.loads(await client.get(m, "ticker/24hr", weight=TICKER_ALL_WEIGHT[m]))
-    return choose_symbols(markets, trading, tickers, symbols, top)
+    return with_symbol_info(choose_symbols(markets, trading, tickers, symbols, top), infos)

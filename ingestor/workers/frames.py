@@ -18,6 +18,7 @@ import orjson
 from ingestor.binance import rows
 from ingestor.binance.sequence import Gap, SequenceTracker
 from ingestor.binance.streams import Market
+from ingestor.features.feed import MarketFeed
 from ingestor.workers.batching import Batch, Batcher
 from ingestor.writer.copy_binary import EncodeError
 
@@ -61,8 +62,10 @@ class FrameHandler:
         batch_age_s: float = 0.2,
         on_gap: Callable[[Market, Gap], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        feed: MarketFeed | None = None,
     ) -> None:
         self.market = market
+        self.feed = feed  # the feature worker's copy of kept trades, diffs and liquidations
         # A plain callable gets a Batcher of its own (tests, replays); the socket worker
         # passes the Batcher it shares between markets.
         self.batcher = out if isinstance(out, Batcher) else Batcher(out, batch_rows=batch_rows,
@@ -145,7 +148,8 @@ class FrameHandler:
         self._count("aggTrade")
         symbol, a, e_ms = msg["s"], msg["a"], msg["E"]
         row = rows.agg_trade(self.market, msg, payload)  # encode first: bad fields keep no state
-        self._in_sequence("agg_trades", row, e_ms, *self.seq.trade(symbol, a, e_ms))
+        if self._in_sequence("agg_trades", row, e_ms, *self.seq.trade(symbol, a, e_ms)) and self.feed is not None:
+            self.feed.trades.append(payload)
 
     def _depth(self, msg: dict[str, Any], payload: bytes) -> None:
         self._count("depthUpdate")
@@ -154,9 +158,11 @@ class FrameHandler:
         pu = msg.get("pu")
         if pu is not None and not isinstance(pu, int):  # checked before it moves the sequence
             raise TypeError(f"pu: {pu!r}")
-        self._in_sequence("depth_updates", row, e_ms, *self.seq.depth(msg["s"], msg["U"], msg["u"], pu, e_ms))
+        if self._in_sequence("depth_updates", row, e_ms, *self.seq.depth(msg["s"], msg["U"], msg["u"], pu, e_ms)) \
+                and self.feed is not None:
+            self.feed.depth.append(payload)
 
-    def _in_sequence(self, table: str, row: bytes, e_ms: int, keep: bool, gap: Gap | None) -> None:
+    def _in_sequence(self, table: str, row: bytes, e_ms: int, keep: bool, gap: Gap | None) -> bool:
         """Record the gap the event revealed; store it unless it is stale (already stored)."""
         if gap is not None:
             self._gap(gap)
@@ -164,11 +170,14 @@ class FrameHandler:
             self._add(table, row, e_ms)
         else:
             self.stale += 1
+        return keep
 
     def _force_order(self, msg: dict[str, Any], payload: bytes) -> None:
         self._count("forceOrder")
         if self._wanted(msg["o"]["s"]):
             self._add("force_orders", rows.force_order(self.market, msg, payload), msg["E"])
+            if self.feed is not None:
+                self.feed.force_orders.append(payload)
 
     def _mark_price(self, msg: dict[str, Any], payload: bytes) -> None:
         self._count("markPriceUpdate")

@@ -4,6 +4,11 @@ Polls full depth snapshots (every symbol of both markets) and USD-M open interes
 their intervals. Each kind of job is spread evenly over its interval (symbol i of n runs
 at i/n of the way through), so the weight is spent smoothly, not in bursts; the
 ``RestClient`` keeps the per-minute budget and honours ``Retry-After``.
+
+It also serves the feature worker: a snapshot it asks for (to build or rebuild a book) is
+fetched before any periodic one, and every snapshot fetched, asked for or periodic, is
+both stored and handed to the feature worker (which builds books only from stored
+snapshots, so a replay can build the same ones).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import queue
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +29,7 @@ from ingestor.binance.rest_client import RestClient, RestError
 from ingestor.binance.rest_limits import OPEN_INTEREST_WEIGHT, depth_weight
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
+from ingestor.features.feed import Snapshot, SnapshotRequest
 from ingestor.workers.batching import Batcher
 from ingestor.workers.child import ChildContext, run_child
 
@@ -51,12 +58,16 @@ def schedule(symbols: dict[Market, list[str]], settings: Settings) -> list[tuple
 
 class RestWorker:
     def __init__(self, ctx: ChildContext, symbols: dict[Market, list[str]], out_queue: Any,
-                 status_queue: Any) -> None:
+                 status_queue: Any, feature_queue: Any = None, request_queue: Any = None) -> None:
         self.ctx = ctx
         self.settings = s = ctx.settings
         self.symbols = symbols
         self.out_queue = out_queue
         self.status_queue = status_queue
+        self.feature_queue = feature_queue
+        self.request_queue = request_queue
+        self.asked: set[tuple[Market, str]] = set()  # requests waiting or in flight (one each)
+        self.served = 0
         self.batcher = Batcher(out_queue.put, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
                                producer=ctx.name)
         self.done: dict[str, int] = {}
@@ -72,7 +83,11 @@ class RestWorker:
             heap = [(start + off, job) for off, job in schedule(self.symbols, s)]
             heapq.heapify(heap)
             pump = asyncio.ensure_future(self._pump())
+            requests = asyncio.ensure_future(self._serve_requests())
             while heap and not self.ctx.should_stop():
+                if self.asked:  # books waiting for a snapshot come first
+                    await asyncio.sleep(0.05)
+                    continue
                 due, job = heap[0]
                 wait = due - time.monotonic()
                 if wait > 0:
@@ -87,18 +102,15 @@ class RestWorker:
             if not heap:
                 await self.ctx.watch()  # nothing scheduled: idle until told to stop
             pump.cancel()
+            requests.cancel()
+            await asyncio.gather(pump, requests, return_exceptions=True)
         self.batcher.flush(force=True)
         self.report()
 
     async def _run_job(self, job: Job) -> None:
         try:
             if job.kind == "depth":
-                limit = self.settings.snapshot_limit
-                body = await self.client.get(job.market, "depth", {"symbol": job.symbol, "limit": limit},
-                                             weight=depth_weight(job.market, limit))
-                msg = orjson.loads(body)
-                t_ms = msg.get("T") or int(time.time() * 1000)
-                self.batcher.add("depth_snapshots", rows.depth_snapshot(job.market, job.symbol, t_ms, body), t_ms)
+                await self._snapshot(job.market, job.symbol)
             else:
                 body = await self.client.get(job.market, "openInterest", {"symbol": job.symbol},
                                              weight=OPEN_INTEREST_WEIGHT)
@@ -108,6 +120,59 @@ class RestWorker:
         except (RestError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             self.failed += 1
             log.warning("%s %s %s: %s", job.market, job.kind, job.symbol, exc)
+
+    async def _snapshot(self, market: Market, symbol: str) -> None:
+        limit = self.settings.snapshot_limit
+        body = await self.client.get(market, "depth", {"symbol": symbol, "limit": limit},
+                                     weight=depth_weight(market, limit))
+        msg = orjson.loads(body)
+        t_ms = msg.get("T") or int(time.time() * 1000)
+        self.batcher.add("depth_snapshots", rows.depth_snapshot(market, symbol, t_ms, body), t_ms)
+        if self.feature_queue is not None:
+            self.feature_queue.put(Snapshot(market, symbol, t_ms, body))
+
+    async def _serve_requests(self) -> None:
+        """Snapshots the feature worker asks for, a few at a time within the weight budget."""
+        if self.request_queue is None:
+            return
+        slots = asyncio.Semaphore(4)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def serve(req: SnapshotRequest) -> None:
+            key = (req.market, req.symbol)
+            try:
+                async with slots:
+                    await self._snapshot(req.market, req.symbol)
+                self.served += 1
+                self.done["depth"] = self.done.get("depth", 0) + 1
+            except (RestError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                self.failed += 1  # the feature worker asks again after its timeout
+                log.warning("%s depth %s (asked for by the feature worker): %s", req.market, req.symbol, exc)
+            finally:
+                self.asked.discard(key)
+
+        try:
+            while True:
+                got = False
+                while True:
+                    try:
+                        req = self.request_queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    got = True
+                    key = (req.market, req.symbol)
+                    if key in self.asked or req.market not in self.symbols:
+                        continue
+                    self.asked.add(key)
+                    task = asyncio.ensure_future(serve(req))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if not got:
+                    await asyncio.sleep(0.02)
+        finally:  # stopping: requests in flight are dropped (a new worker asks again)
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _pump(self) -> None:
         last = 0.0
@@ -136,13 +201,15 @@ class RestWorker:
             "worker": w, "kind": "rest", "time": time.time(), "requests_done": dict(self.done),
             "failed": self.failed,
             "weight_used": {m: b.used for m, b in client.budgets.items()} if client else {},
-            "pending_rows": self.batcher.pending_rows(),
+            "pending_rows": self.batcher.pending_rows(), "snapshots_asked": len(self.asked),
+            "snapshots_served": self.served,
         })
 
 def main(settings: Settings, name: str, symbols: dict[Market, list[str]], out_queue: Any, status_queue: Any,
-         stop_event: Any) -> None:
+         stop_event: Any, feature_queue: Any = None, request_queue: Any = None) -> None:
     async def body(ctx: ChildContext) -> None:
-        await RestWorker(ctx, symbols, out_queue, status_queue).run()
-        ctx.release_queues(status_queue, *((out_queue,) if ctx.orphaned else ()))
+        await RestWorker(ctx, symbols, out_queue, status_queue, feature_queue, request_queue).run()
+        queues = (out_queue, feature_queue) if ctx.orphaned else ()
+        ctx.release_queues(status_queue, *(q for q in queues if q is not None))
 
     run_child(settings, name, stop_event, body)

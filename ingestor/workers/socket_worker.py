@@ -21,6 +21,7 @@ from ingestor.binance.plan import Connection
 from ingestor.binance.sequence import Gap
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
+from ingestor.features.feed import MarketFeed
 from ingestor.workers.batching import Batch, Batcher
 from ingestor.workers.child import ChildContext, run_child
 from ingestor.workers.frames import FrameHandler
@@ -131,16 +132,20 @@ async def _sleep_unless_stopping(ctx: ChildContext, delay: float) -> None:
 
 class SocketWorker:
     def __init__(self, ctx: ChildContext, connections: list[Connection], symbols: dict[Market, list[str]],
-                 out_queue: Any, status_queue: Any) -> None:
+                 out_queue: Any, status_queue: Any, feature_queue: Any = None) -> None:
         self.ctx = ctx
         self.settings = s = ctx.settings
         self.out_queue = out_queue
         self.status_queue = status_queue
         self.batcher = Batcher(self._send, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
                                producer=ctx.name)
+        markets = {c.market for c in connections}
+        # The feature worker's copy of what is stored, handed on every flush period.
+        self.feeds = {m: MarketFeed(m, feature_queue.put) for m in markets} if feature_queue is not None else {}
         self.handlers = {
-            m: FrameHandler(m, self.batcher, symbols=frozenset(symbols.get(m, ())), on_gap=self._on_gap)
-            for m in {c.market for c in connections}
+            m: FrameHandler(m, self.batcher, symbols=frozenset(symbols.get(m, ())), on_gap=self._on_gap,
+                            feed=self.feeds.get(m))
+            for m in markets
         }
         self.conns = [StreamConnection(c, c.url(s.ws_url(c.market)), self.handlers[c.market], s)
                       for c in connections]
@@ -159,12 +164,16 @@ class SocketWorker:
         while not self.ctx.should_stop():
             await asyncio.sleep(FLUSH_PERIOD_S)
             self.batcher.flush()
+            for feed in self.feeds.values():
+                feed.flush()
             now = time.monotonic()
             if now - last_status >= STATUS_PERIOD_S:
                 last_status = now
                 self.report()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.batcher.flush(force=True)
+        for feed in self.feeds.values():
+            feed.flush()
         self.report()
 
     def report(self) -> None:
@@ -212,11 +221,12 @@ class SocketWorker:
 
 
 def main(settings: Settings, name: str, connections: list[Connection], symbols: dict[Market, list[str]],
-         out_queue: Any, status_queue: Any, stop_event: Any) -> None:
+         out_queue: Any, status_queue: Any, stop_event: Any, feature_queue: Any = None) -> None:
     """Process entry point (spawned by the supervisor)."""
 
     async def body(ctx: ChildContext) -> None:
-        await SocketWorker(ctx, connections, symbols, out_queue, status_queue).run()
-        ctx.release_queues(status_queue, *((out_queue,) if ctx.orphaned else ()))
+        await SocketWorker(ctx, connections, symbols, out_queue, status_queue, feature_queue).run()
+        queues = (out_queue, feature_queue) if ctx.orphaned else ()
+        ctx.release_queues(status_queue, *(q for q in queues if q is not None))
 
     run_child(settings, name, stop_event, body)

@@ -1,0 +1,257 @@
+"""Feature worker process: books, bars and indicators from exactly what is being stored.
+
+In, on one queue: :class:`Feed` batches from the socket workers (the stored payloads of
+trades, diffs and liquidations), :class:`Snapshot` from the REST worker (every depth
+snapshot it fetched), ``DRAIN`` from the supervisor. Out: ``features``, ``book_syncs``
+and ``stream_gaps`` rows to the writer, :class:`SnapshotRequest` to the REST worker, a
+status line a second for ``/health`` and the metrics.
+
+The :class:`FeatureEngine` runs on exchange time: per market, the latest event time seen,
+moved on by the wall time elapsed since it was seen, so a quiet market still closes its
+bars and a local clock that is off by seconds changes nothing.
+
+Shutdown: the supervisor queues ``DRAIN`` once the socket and REST workers have exited;
+everything before it is processed, book gaps still open are recorded as such, every row is
+handed to the writer, and the process exits. Bars not yet closed are not written: they
+would be incomplete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import time
+from typing import Any
+
+import orjson
+
+from ingestor.binance import rows
+from ingestor.binance.streams import Market
+from ingestor.config import Settings
+from ingestor.features.engine import FeatureEngine, Outbox
+from ingestor.features.feed import DRAIN, Feed, Snapshot, SnapshotRequest
+from ingestor.workers.batching import Batcher
+from ingestor.workers.child import ChildContext, run_child
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1
+STATUS_PERIOD_S = 1.0
+MAX_ITEMS_PER_TURN = 256  # queue items taken per turn before the clock and outputs get a look
+WATCH_INDICATORS = ("close", "cvd", "panic_index", "absorption", "obi", "cascade_exhaustion", "fp_imbalance",
+                    "dist_to_buy_wall", "dist_to_sell_wall", "signal")
+_BAD_EVENT = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
+class FeatureWorker:
+    def __init__(self, ctx: ChildContext, tick_sizes: dict[tuple[Market, str], float], in_queue: Any,
+                 out_queue: Any, request_queue: Any, status_queue: Any) -> None:
+        self.ctx = ctx
+        s = self.settings = ctx.settings
+        self.fs = s.feature_settings()
+        self.engine = FeatureEngine(self.fs, tick_sizes, snapshot_limit=s.snapshot_limit)
+        self.in_queue = in_queue
+        self.request_queue = request_queue
+        self.status_queue = status_queue
+        self.batcher = Batcher(out_queue.put, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
+                               producer=ctx.name)
+        self.watch = set(s.feature_watchlist)
+        # Exchange clock per market: (latest event time seen, wall time when it was seen).
+        self.seen: dict[Market, tuple[int, float]] = {}
+        self.rejected: dict[tuple[Market, str], int] = {}
+        self.items = 0
+        self.totals: Any = None
+        self._last_log_reject = 0.0
+
+    # -- input ----------------------------------------------------------------------------
+
+    def _take(self) -> list[Any]:
+        """Blocking (briefly): the next items on the queue, up to a turn's worth."""
+        try:
+            items = [self.in_queue.get(timeout=TICK_S)]
+        except queue.Empty:
+            return []
+        while len(items) < MAX_ITEMS_PER_TURN:
+            try:
+                items.append(self.in_queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def handle(self, item: Any) -> None:
+        eng = self.engine
+        self.items += 1
+        if isinstance(item, Feed):
+            try:
+                events = orjson.loads(item.data)
+            except orjson.JSONDecodeError:
+                self._reject(item.market, item.kind, item.count, "not JSON")
+                return
+            if item.kind == "aggTrade":
+                bad = eng.trades(item.market, events)
+            elif item.kind == "depthUpdate":
+                bad = eng.depth(item.market, events)
+            else:
+                bad = eng.force_orders(item.market, events)
+            if bad:
+                self._reject(item.market, item.kind, bad, "bad fields")
+            self._saw(item.market)
+        elif isinstance(item, Snapshot):
+            try:
+                eng.snapshot(item.market, item.symbol, item.time_ms, orjson.loads(item.body))
+            except _BAD_EVENT as exc:  # JSONDecodeError is a ValueError
+                self._reject(item.market, "snapshot", 1, f"{item.symbol}: {exc!r}")
+        else:
+            log.error("unexpected item on the feature queue: %r", type(item))
+
+    def _saw(self, market: Market) -> None:
+        ms = self.engine.data_ms.get(market)
+        if ms is not None and ms != self.seen.get(market, (None, 0.0))[0]:
+            self.seen[market] = (ms, time.time())
+
+    def _reject(self, market: Market, kind: str, n: int, why: str) -> None:
+        key = (market, kind)
+        self.rejected[key] = self.rejected.get(key, 0) + n
+        now = time.monotonic()
+        if now - self._last_log_reject >= 10.0:  # bad input must not flood the log
+            self._last_log_reject = now
+            log.warning("%s %s: %d event(s) the feature engine could not use (%s)", market, kind, n, why)
+
+    # -- clock and output -----------------------------------------------------------------
+
+    def tick(self) -> None:
+        wall = time.time()
+        for market, (ms, at) in self.seen.items():
+            self.engine.clock(market, ms + int((wall - at) * 1000))
+        self.emit(self.engine.outbox.take(), wall)
+        self.batcher.flush()
+
+    def emit(self, out: Outbox, wall: float) -> None:
+        from ingestor import metrics as M
+
+        bar_s = self.fs.bar_seconds
+        w = self.ctx.name
+        for fr in out.rows:
+            self.batcher.add("features", rows.features(fr.market, fr.symbol, fr.bar.start_ms, bar_s, fr.row),
+                             fr.bar.end_ms)
+            M.FEATURE_BAR_DELAY.labels(w, fr.market).observe(max(0.0, wall - fr.bar.end_ms / 1000))
+            if fr.symbol in self.watch:
+                for name in WATCH_INDICATORS:
+                    M.FEATURE_VALUE.labels(w, fr.market, fr.symbol, name).set(float(fr.row[name]))
+        for sy in out.syncs:
+            self.batcher.add("book_syncs", rows.book_sync(sy.market, sy.symbol, sy.time_ms, sy.snapshot_time_ms,
+                                                          sy.last_update_id, sy.reason, sy.buffered), sy.time_ms)
+            if sy.reason != "start":
+                log.warning("%s %s: book rebuilt after a %s from the snapshot at update id %d (%d buffered diffs)",
+                            sy.market, sy.symbol, sy.reason, sy.last_update_id, sy.buffered)
+        starts = sum(1 for sy in out.syncs if sy.reason == "start")
+        if starts:
+            log.info("%d book(s) synced from their first snapshot", starts)
+        for g in out.gaps:
+            self._gap_row(g.market, g.symbol, g.first_missing, g.last_missing, g.from_ms, g.to_ms,
+                          g.detected_ms, g.closed_ms)
+        for market, symbol in out.requests:
+            self.request_queue.put(SnapshotRequest(market, symbol))
+        for d in out.drift:
+            if d.mismatches:
+                log.warning("%s %s: book drifted from the snapshot at update id %d: %d level(s) differ "
+                            "(%d left out as changed since); resyncing", d.market, d.symbol, d.last_update_id,
+                            d.mismatches, d.excluded)
+
+    def _gap_row(self, market: Market, symbol: str, first: int, last: int, from_ms: int, to_ms: int,
+                 detected_ms: int, closed_ms: int | None) -> None:
+        how = "open" if closed_ms is None else "resynced"
+        self.batcher.add("stream_gaps", rows.stream_gap(market, symbol, "book", first, last, from_ms, to_ms,
+                                                        detected_ms, how, closed_ms), detected_ms)
+        log.warning("%s %s: book missed update ids %d..%d; %s", market, symbol, first, last,
+                    "resynced" if closed_ms is not None else "not resynced before stopping")
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_status = 0.0
+        draining = False
+        while not draining:
+            items = await loop.run_in_executor(None, self._take)
+            for item in items:
+                if isinstance(item, str) and item == DRAIN:
+                    draining = True
+                    break
+                self.handle(item)
+            self.tick()
+            now = time.monotonic()
+            if now - last_status >= STATUS_PERIOD_S:
+                last_status = now
+                self.report()
+            if not items and (self.ctx.orphaned or self.ctx.stopping.is_set()):
+                break  # no supervisor to send DRAIN, or told to stop by a signal: finish what we have
+        self.finish()
+
+    def finish(self) -> None:
+        self.tick()
+        for g in self.engine.open_gaps():
+            self._gap_row(g.market, g.symbol, g.first_missing, g.last_missing, g.from_ms, g.to_ms,
+                          g.detected_ms, None)
+        self.batcher.flush(force=True)
+        self.report()
+        c = {m: self.engine.counters[m] for m in self.engine.start_ms}
+        log.info("stopped: %s", ", ".join(f"{m} {x.bars} bars, {x.trades} trades, {x.diffs} diffs"
+                                          for m, x in c.items()) or "no input")
+
+    def report(self) -> None:
+        from ingestor import metrics as M
+
+        if self.totals is None:
+            self.totals = M.Totals()
+        t, w, eng = self.totals, self.ctx.name, self.engine
+        wall = time.time()
+        markets: dict[str, Any] = {}
+        for m in eng.start_ms:
+            c = eng.counters[m]
+            for kind, n in (("aggTrade", c.trades), ("depthUpdate", c.diffs), ("forceOrder", c.liquidations),
+                            ("snapshot", c.snapshots)):
+                t.set(M.FEATURE_EVENTS.labels(w, m, kind), n)
+            for reason, n in c.resyncs.items():
+                t.set(M.BOOK_SYNCS.labels(w, m, reason), n)
+            for result, n in (("ok", c.drift_ok), ("mismatch", c.drift_mismatch), ("skipped", c.drift_skipped)):
+                t.set(M.DRIFT_CHECKS.labels(w, m, result), n)
+            t.set(M.DRIFT_LEVELS.labels(w, m), c.drift_levels)
+            t.set(M.FEATURE_LATE.labels(w, m), c.late)
+            t.set(M.FEATURE_BARS.labels(w, m), c.bars)
+            states = eng.book_states(m)
+            for state, n in states.items():
+                M.BOOKS.labels(w, m, state).set(n)
+            data = eng.data_ms.get(m)
+            lag = None if data is None else round(wall - data / 1000, 3)
+            if lag is not None:
+                M.FEATURE_INPUT_LAG.labels(w, m).set(lag)
+            markets[m] = {"books": states, "bars": c.bars, "input_lag_s": lag, "late": c.late,
+                          "resyncs": dict(c.resyncs), "drift_mismatches": c.drift_mismatch,
+                          "drift_checks": c.drift_ok + c.drift_mismatch}
+        for (m, kind), n in self.rejected.items():
+            t.set(M.FEATURE_REJECTED.labels(w, m, kind), n)
+        for table, n in self.batcher.sent_rows.items():
+            t.set(M.ROWS_SENT.labels(w, table), n)
+        try:
+            depth = self.in_queue.qsize()
+        except NotImplementedError:  # macOS
+            depth = -1
+        M.QUEUE_DEPTH.labels(w, "feature_in").set(depth)
+        self.status_queue.put({
+            "worker": w, "kind": "features", "time": wall, "markets": markets, "queue_depth": depth,
+            "waiting_bars": eng.waiting_bars(), "rejected": sum(self.rejected.values()),
+            "pending_rows": self.batcher.pending_rows(),
+        })
+
+
+def main(settings: Settings, name: str, tick_sizes: dict[tuple[Market, str], float], in_queue: Any,
+         out_queue: Any, request_queue: Any, status_queue: Any) -> None:
+    async def body(ctx: ChildContext) -> None:
+        await FeatureWorker(ctx, tick_sizes, in_queue, out_queue, request_queue, status_queue).run()
+        ctx.release_queues(status_queue, request_queue, *((out_queue,) if ctx.orphaned else ()))
+
+    # Like the writer, it takes no stop event: it stops on DRAIN, after the producers.
+    run_child(settings, name, None, body)
+
