@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -13,6 +14,7 @@ import orjson
 from ingestor.binance.streams import MARKETS, Market
 from ingestor.sim.faults import FaultSpecError, parse_faults
 from ingestor.sim.model import ModelParams
+from ingestor.timespec import TimeParam
 
 if TYPE_CHECKING:
     from ingestor.config import Settings
@@ -161,6 +163,132 @@ def config_cmd(ctx: click.Context, as_json: bool, **flags: Any) -> None:
     for key, value in values.items():
         shown = "(embedded)" if key == "dsn" and value is None else value
         click.echo(f"{env_name(key):<{width}}  {shown}")
+
+
+@main.group()
+def features() -> None:
+    """The order-flow indicators: replay them from stored data, look at the latest bars."""
+
+
+def _quiet_settings(ctx: click.Context, flags: dict[str, Any]) -> Settings:
+    """Settings for a command whose output is the point: the database's INFO lines would only
+    clutter it, unless a log level was asked for."""
+    from dataclasses import replace
+
+    from ingestor.config import Settings
+
+    settings = build_settings(ctx, flags)
+    if (ctx.obj or {}).get("log_level") is None and settings.log_level == Settings.log_level:
+        settings = replace(settings, log_level="WARNING")
+        logging.getLogger().setLevel(logging.WARNING)
+    return settings
+
+
+def _with_database(settings: Settings, job: Callable[[str], Awaitable[str]]) -> str:
+    """Run ``job(dsn)`` against the configured (or embedded) database; its expected failures
+    become one-line errors with exit code 1."""
+    import asyncio
+
+    from ingestor.features.query import NoFeatures
+    from ingestor.features.replay import ReplayError
+    from ingestor.features.report import ReportError
+    from ingestor.supervisor import StartupError, open_database
+
+    async def go() -> str:
+        dsn, embedded = await open_database(settings)
+        try:
+            return await job(dsn)
+        finally:
+            if embedded is not None:
+                embedded.stop()
+
+    try:
+        return asyncio.run(go())
+    except (StartupError, NoFeatures, ReportError, ReplayError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+_BAR_HELP = "bar size in seconds  [default: the size with the most recent bar]"
+
+
+@features.command("show")
+@settings_options
+@click.option("--symbol", required=True, help="e.g. BTCUSDT")
+@click.option("--market", default="futures", show_default=True, type=click.Choice(MARKETS))
+@click.option("--last", default=30, show_default=True, type=click.IntRange(1, 10_000), help="bars to show")
+@click.option("--bar", "bar_seconds", default=None, type=click.IntRange(1), help=_BAR_HELP)
+@click.option("--json", "as_json", is_flag=True, help="every column of the rows as a JSON list")
+@click.pass_context
+def features_show(ctx: click.Context, symbol: str, market: str, last: int, bar_seconds: int | None,
+                  as_json: bool, **flags: Any) -> None:
+    """Print the latest bars of one symbol, oldest first: price, flow, indicators, walls, signal."""
+    from ingestor.features.show import show
+
+    settings = _quiet_settings(ctx, flags)
+    click.echo(_with_database(settings, lambda dsn: show(dsn, market, symbol.upper(), last, bar_seconds, as_json)))
+
+
+@features.command("replay")
+@settings_options
+@click.option("--from", "start", required=True, type=TimeParam(),
+              help="start: 2026-11-27T10:00 (UTC), Unix s or ms, -2h, now-1d (rounded up to a whole bar)")
+@click.option("--to", "end", default="now", show_default=True, type=TimeParam(),
+              help="end, excluded (rounded down to a whole bar)")
+@click.option("--bar", "bar_seconds", default=None, type=click.IntRange(1),
+              help="bar size in seconds: 1, 5, 15, 60 or 300  [default: the configured bar_seconds]")
+@click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="write a .parquet or .csv file instead of replacing the rows in the features table")
+@click.pass_context
+def features_replay(ctx: click.Context, start: int, end: int, bar_seconds: int | None, out: Path | None,
+                    **flags: Any) -> None:
+    """Recompute the features from stored trades, book snapshots and diffs, and liquidations,
+    with the live worker's code: the same input gives the same rows.
+
+    --symbols and --markets choose what to replay (default: every symbol with stored
+    exchange info, both markets)."""
+    from dataclasses import replace
+
+    from ingestor.features.replay import ReplayRange
+    from ingestor.features.replay_job import run_replay
+
+    if start >= end:
+        raise click.BadParameter("must be before --to", param_hint="--from")
+    settings = _quiet_settings(ctx, flags)
+    fs = settings.feature_settings()
+    if bar_seconds is not None:
+        try:
+            fs = replace(fs, bar_seconds=bar_seconds)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--bar") from None
+    rng = ReplayRange(start, end, settings.market_list, settings.symbols)
+    click.echo(_with_database(settings, lambda dsn: run_replay(
+        dsn, fs, rng, out, settings.snapshot_limit, lambda line: click.echo(line, err=True))))
+
+
+@main.command()
+@settings_options
+@click.option("--symbol", required=True, help="e.g. BTCUSDT")
+@click.option("--from", "start", required=True, type=TimeParam(),
+              help="first bar: 2026-11-27T10:00 (UTC), Unix s or ms, -2h, now-1d")
+@click.option("--to", "end", default="now", show_default=True, type=TimeParam(), help="end of the range (excluded)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="image file to write (.png; .svg and .pdf work too)")
+@click.option("--market", default="futures", show_default=True, type=click.Choice(MARKETS))
+@click.option("--bar", "bar_seconds", default=None, type=click.IntRange(1), help=_BAR_HELP)
+@click.option("--max-bars", default=20_000, show_default=True, type=click.IntRange(1),
+              help="refuse ranges holding more bars than this")
+@click.pass_context
+def report(ctx: click.Context, symbol: str, start: int, end: int, out: Path, market: str, bar_seconds: int | None,
+           max_bars: int, **flags: Any) -> None:
+    """Chart one symbol's features over a time range: price with walls and signals, CVD, panic
+    index, absorption, order book imbalance, liquidations."""
+    from ingestor.features.report import report as draw
+
+    if start >= end:
+        raise click.BadParameter("must be before --to", param_hint="--from")
+    settings = _quiet_settings(ctx, flags)
+    click.echo(_with_database(settings, lambda dsn: draw(dsn, market, symbol.upper(), start, end, bar_seconds, out,
+                                                         max_bars)))
 
 
 @main.command()
