@@ -3,7 +3,9 @@
 The simulator runs in this process and records what it delivers; the supervisor runs
 beside it on the same loop with its usual child processes. At the end the simulator is
 paused, the pipeline catches up, and each table's stored rows are counted against the
-messages sent.
+messages sent. Then the feature worker's rows are recomputed from the stored data by
+``ingestor features replay``'s code and compared, value for value. The demo uses 1 s bars
+(unless ``--feature-params`` says otherwise) so that a short run has bars to show.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncpg
 import orjson
 
 from ingestor.config import Settings, mask_dsn
+from ingestor.features.verify import verify_live_rows
 from ingestor.sim.server import SimConfig, Simulator
 from ingestor.supervisor import Supervisor, open_database
 
@@ -71,6 +74,8 @@ async def run_demo(settings: Settings, duration_s: float, n_symbols: int,
                    progress: Callable[[str], None]) -> dict[str, Any]:
     # The demo owns the embedded server (when there is no DSN) so the tally can be read
     # after the pipeline has stopped: only then are the REST counts final.
+    if settings.features and not any(p.startswith("bar_seconds=") for p in settings.feature_params):
+        settings = replace(settings, feature_params=("bar_seconds=1", *settings.feature_params))
     dsn, embedded = await open_database(settings)
     try:
         async with Simulator(SimConfig(n_symbols=n_symbols, record=True)) as sim:
@@ -126,12 +131,38 @@ async def _run(sim: Simulator, settings: Settings, duration_s: float, progress: 
     errors = sum(w.get("rejected", 0) + w.get("failed", 0) + sum(w.get("rejected_rows", {}).values())
                  for w in health["workers"].values())
     total = sum(stored[t] for t in WS_TABLES)
+    features = None
+    if settings.features:
+        progress("recomputing the features from the stored data ...")
+        features = await _check_features(settings, started_ms, health["workers"].get("features", {}))
     return {
         "dsn": shown_dsn,
         "duration_s": round(ran_s, 1),
         "tables": {t: {"sent": sent[t], "stored": stored[t]} for t in sent},
         "gaps": gaps, "errors": errors,
         "msgs_per_s": round(total / max(ran_s, 1e-9), 1),
+        "features": features,
+    }
+
+
+async def _check_features(settings: Settings, since_ms: int, status: dict[str, Any]) -> dict[str, Any]:
+    assert settings.dsn is not None
+    fs = settings.feature_settings()
+    conn = await asyncpg.connect(settings.dsn, timeout=10)
+    try:
+        cmp = await verify_live_rows(conn, fs, settings.market_list, since_ms, settings.snapshot_limit)
+        syncs = await conn.fetchval("SELECT count(*) FROM book_syncs WHERE time >= to_timestamp($1)", since_ms / 1000)
+        symbols = await conn.fetchval(
+            "SELECT count(DISTINCT (market, symbol)) FROM features WHERE bar_time >= to_timestamp($1)", since_ms / 1000)
+    finally:
+        await conn.close()
+    markets = status.get("markets", {}).values()
+    return {
+        "bar_seconds": fs.bar_seconds, "rows": cmp.live, "symbols": symbols, "replayed": cmp.replayed,
+        "replay_identical": cmp.identical, "missing": len(cmp.missing), "extra": len(cmp.extra),
+        "differing_values": len(cmp.differing), "book_syncs": syncs,
+        "drift_checks": sum(m.get("drift_checks", 0) for m in markets),
+        "drift_mismatches": sum(m.get("drift_mismatches", 0) for m in markets),
     }
 
 
@@ -144,3 +175,11 @@ def print_table(result: dict[str, Any]) -> None:
         mark = "" if c["stored"] == c["sent"] else "   <- differs"
         out.write(f"{table:<16}{c['sent']:>10,}{c['stored']:>10,}{mark}\n")
     out.write(f"\ngaps: {result['gaps']}   errors: {result['errors']}\n")
+    f = result.get("features")
+    if f:
+        verdict = "identical" if f["replay_identical"] else (
+            f"DIFFERENT ({f['missing']} missing, {f['extra']} extra, {f['differing_values']} values differ)")
+        out.write(f"\nfeatures: {f['rows']:,} rows ({f['symbols']} symbols, {f['bar_seconds']} s bars), "
+                  f"{f['book_syncs']} books built, drift checks {f['drift_checks']:,} "
+                  f"({f['drift_mismatches']} mismatched)\n"
+                  f"replayed from the stored data: {f['replayed']:,} rows, {verdict}\n")
