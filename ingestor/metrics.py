@@ -22,7 +22,6 @@ GAPS = Counter("ingestor_gaps_detected", "Sequence gaps detected", ["worker", "m
 RECONNECTS = Counter("ingestor_reconnects", "WebSocket reconnects", ["worker", "market"])
 CONNECTED = Gauge("ingestor_connected_streams", "Streams on open connections", ["worker", "market"],
                   multiprocess_mode="livesum")
-BATCHES_SENT = Counter("ingestor_batches_sent", "Batches handed to the writer", ["worker", "table"])
 ROWS_SENT = Counter("ingestor_rows_sent", "Rows handed to the writer", ["worker", "table"])
 QUEUE_DEPTH = Gauge("ingestor_queue_depth", "Batches waiting in a queue", ["worker", "queue"],
                     multiprocess_mode="livesum")

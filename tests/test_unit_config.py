@@ -321,3 +321,37 @@ def test_masked_never_shows_the_password(tmp_path: Path, password: str) -> None:
 
 def test_masked_without_dsn(tmp_path: Path) -> None:
     assert load(tmp_path).masked()["dsn"] is None
+
+
+# -- the feature worker's settings ------------------------------------------------------
+
+def test_feature_params_override_the_documented_defaults(tmp_path: Path) -> None:
+    s = load(tmp_path, env={"INGESTOR_FEATURE_PARAMS": "bar_seconds=15, window=120,wall_factor=4.5"})
+    fs = s.feature_settings()
+    assert (fs.bar_seconds, fs.window, fs.wall_factor) == (15, 120, 4.5)
+    assert fs.obi_levels == 10 and fs.rr == 2.0  # the rest keep FEATURES.md's defaults
+    assert load(tmp_path).feature_settings().bar_seconds == 60
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ("windo=3", "'windo=3' is not NAME=VALUE with NAME one of bar_seconds"),
+    ("window", "'window' is not NAME=VALUE"),
+    ("window=x", "window must be an integer (got 'x')"),
+    ("window=2.5", "window must be an integer (got '2.5')"),
+    ("rr=abc", "rr must be a number (got 'abc')"),
+    ("rr=nan", "rr must be finite (got 'nan')"),
+    ("bar_seconds=7", "bar_seconds must be one of (1, 5, 15, 60, 300), not 7"),
+    ("window=0", "window must be >= 1"),
+    ("liq_half_life=0", "liq_half_life must be > 0"),
+])
+def test_bad_feature_params_are_refused_with_the_reason(tmp_path: Path, params: str, message: str) -> None:
+    assert message in config_error(tmp_path, flags={"feature_params": params})
+
+
+def test_features_switch_and_watchlist(tmp_path: Path) -> None:
+    for raw, want in (("false", False), ("0", False), ("off", False), ("yes", True), ("TRUE", True)):
+        assert load(tmp_path, env={"INGESTOR_FEATURES": raw}).features is want
+    assert "features: 'maybe' is not a valid bool" in config_error(tmp_path, env={"INGESTOR_FEATURES": "maybe"})
+    s = load(tmp_path, flags={"feature_watchlist": "btcusdt,ETHUSDT,btcusdt"})
+    assert s.feature_watchlist == ("BTCUSDT", "ETHUSDT")
+    assert "not a symbol" in config_error(tmp_path, flags={"feature_watchlist": "BTC-USDT"})
