@@ -61,7 +61,8 @@ FEATURE_BARS = Counter("ingestor_feature_bars", "Feature rows (symbol-bars) emit
 FEATURE_INPUT_LAG = Gauge("ingestor_feature_input_lag_seconds",
                           "Wall clock minus the latest event time the feature worker has processed",
                           ["worker", "market"], multiprocess_mode="livemax")
-FEATURE_BAR_DELAY = Histogram("ingestor_feature_bar_delay_seconds", "Bar end to its feature row being emitted",
+FEATURE_BAR_DELAY = Histogram("ingestor_feature_bar_delay_seconds",
+                              "Bar end to its feature row being emitted (the earliest bar of each turn)",
                               ["worker", "market"], buckets=(0.5, 1, 1.5, 2, 3, 5, 10, 30, 60, 120, 300))
 FEATURE_VALUE = Gauge("ingestor_feature_value", "Latest indicator of a symbol on the feature watchlist",
                       ["worker", "market", "symbol", "indicator"], multiprocess_mode="livesum")

@@ -90,7 +90,7 @@ class NumpyBook:
     """One (market, symbol) order book; see the module docstring (Binance prices are
     positive, which the signed keys rely on). A diff is one parse, one search, one merge."""
 
-    __slots__ = ("last_update_id", "_k", "_q", "_px", "_nb", "bid_floor", "ask_ceiling")
+    __slots__ = ("last_update_id", "_k", "_q", "_px", "_nb", "bid_floor", "ask_ceiling", "changed")
 
     def __init__(self, last_update_id: int = 0) -> None:
         self.last_update_id = last_update_id
@@ -105,6 +105,9 @@ class NumpyBook:
         # empty snapshot side says the whole side is empty: it is known entirely.
         self.bid_floor: float | None = None
         self.ask_ceiling: float | None = None
+        # The levels the last diff touched, as signed keys (bids negative): what a drift check
+        # must leave out when the snapshot falls inside that diff. Empty after the snapshot.
+        self.changed: F64 = _EMPTY
 
     def apply(self, bids: list[list[str]], asks: list[list[str]]) -> None:
         """Apply Binance level lists (absolute quantities; qty 0 deletes the level)."""
@@ -115,7 +118,8 @@ class NumpyBook:
             return
         arr = np.array(bids + asks, dtype=np.float64)  # both sides in one parse
         keys, qtys = arr[:, 0], arr[:, 1]
-        if self.bid_floor is None:
+        first = self.bid_floor is None
+        if first:
             self.bid_floor = float(keys[:nb].min()) if nb else -np.inf
             self.ask_ceiling = float(keys[nb:].max()) if nb < keys.shape[0] else np.inf
         keys[:nb] *= -1.0
@@ -131,6 +135,7 @@ class NumpyBook:
                 keep = np.ones(n, dtype=bool)
                 keep[:-1] = ~dup
                 keys, qtys = keys[keep], qtys[keep]
+        self.changed = _EMPTY if first else keys
         k, q = _merge(self._k, self._q, keys, qtys)
         if k is not self._k:  # levels came or went: refresh prices and the split
             self._k, self._px = k, np.abs(k)

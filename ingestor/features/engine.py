@@ -42,12 +42,15 @@ import numpy as np
 from ingestor.binance.depth_sync import DepthGap, DepthSync
 from ingestor.binance.streams import Market
 from ingestor.features.bars import Bar, BarBuilder, Liquidation
-from ingestor.features.book import F64, NumpyBook, drift, new_sync, parse_levels
+from ingestor.features.book import F64, NumpyBook, drift, new_sync
 from ingestor.features.indicators import BookSide, FeatureSettings, FeatureState
 
 IDLE, SYNCING, SYNCED = "idle", "syncing", "synced"
 _BAD = (KeyError, TypeError, ValueError, IndexError, AttributeError)
-RECENT_DIFFS = 256  # diffs kept per book to place a snapshot that the book has moved past
+# Diffs whose changed levels are kept per book, to check a snapshot the book has moved past
+# (about 3 s of a 100 ms stream: snapshots and diffs reach the worker well within that).
+RECENT_DIFFS = 32
+MAX_PENDING_CHECKS = 2  # snapshots ahead of the book kept for a check
 REQUEST_TIMEOUT_MS = 30_000  # ask again for a snapshot that has not come by then
 MAX_BOOK_WAIT_MS = 15_000  # a bar waits this long past its close for a syncing book
 
@@ -164,7 +167,7 @@ class SymbolState:
         self.decided_end = -(2**62)  # bar ends up to here have their book decided
         self.cuts: deque[tuple[int, BookView | None]] = deque()  # (bar end, book then), increasing
         self.waiting: deque[Bar] = deque()  # closed bars waiting for their book
-        self.recent: deque[tuple[int, list[list[str]], list[list[str]]]] = deque(maxlen=RECENT_DIFFS)
+        self.recent: deque[tuple[int, F64]] = deque(maxlen=RECENT_DIFFS)  # (u, signed keys it changed)
         self.synced_lid = 0
         self.checks: list[dict[str, Any]] = []  # snapshots ahead of the book, to check when it gets there
         self.last_e = 0
@@ -206,7 +209,9 @@ class SymbolState:
             else:
                 self._decide_until(end, self._view())
         self.fresh = False
-        self.recent.append((ev["u"], ev["b"], ev["a"]))
+        # The diff applied before this one (NumpyBook keeps its levels): this one's are
+        # book.changed once it is applied.
+        self.recent.append((book.last_update_id, book.changed))
         self.last_e = ev["E"]
 
     def on_diff(self, ev: dict[str, Any]) -> None:
@@ -327,6 +332,9 @@ class SymbolState:
         assert book is not None
         if int(snapshot["lastUpdateId"]) > book.last_update_id:
             self.checks.append(snapshot)  # the book gets there later
+            if len(self.checks) > MAX_PENDING_CHECKS:
+                del self.checks[0]
+                self.engine.counters[self.market].drift_skipped += 1
         else:
             self._check(snapshot)
 
@@ -351,17 +359,13 @@ class SymbolState:
         if lid != book.last_update_id:
             # Levels the diffs after the snapshot touched are left out; the diffs kept must
             # reach back to the snapshot (or to the sync), or it cannot be placed.
-            later = [(b, a) for u, b, a in self.recent if u > lid]
+            later = [keys for u, keys in self.recent if u > lid]
             covered = lid >= self.synced_lid and (len(later) < len(self.recent) or
                                                   len(self.recent) < RECENT_DIFFS)
             if not covered:
                 c.drift_skipped += 1
                 return
-            try:
-                changed = parse_levels([lv for b, a in later for lv in (*b, *a)])[0]
-            except ValueError:  # a bad diff, not applied: the next one resyncs the book anyway
-                c.drift_skipped += 1
-                return
+            changed = np.abs(np.concatenate([*later, book.changed]))
         mismatches = drift(book, snapshot, eng.snapshot_limit, changed)
         excluded = 0 if changed is None else int(np.unique(changed).size)
         eng.outbox.drift.append(DriftCheck(self.market, self.symbol, lid, mismatches, excluded))

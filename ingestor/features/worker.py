@@ -61,6 +61,7 @@ class FeatureWorker:
         self.seen: dict[Market, tuple[int, float]] = {}
         self.rejected: dict[tuple[Market, str], int] = {}
         self.items = 0
+        self.start_syncs = 0  # books built from their first snapshot, not yet logged
         self.totals: Any = None
         self._last_log_reject = 0.0
 
@@ -132,22 +133,24 @@ class FeatureWorker:
 
         bar_s = self.fs.bar_seconds
         w = self.ctx.name
+        oldest: dict[Market, int] = {}  # per market, the earliest bar end emitted now
         for fr in out.rows:
             self.batcher.add("features", rows.features(fr.market, fr.symbol, fr.bar.start_ms, bar_s, fr.row),
                              fr.bar.end_ms)
-            M.FEATURE_BAR_DELAY.labels(w, fr.market).observe(max(0.0, wall - fr.bar.end_ms / 1000))
+            if fr.bar.end_ms < oldest.get(fr.market, 2**62):
+                oldest[fr.market] = fr.bar.end_ms
             if fr.symbol in self.watch:
                 for name in WATCH_INDICATORS:
                     M.FEATURE_VALUE.labels(w, fr.market, fr.symbol, name).set(float(fr.row[name]))
+        for market, end_ms in oldest.items():  # one observation per turn: metrics cost nothing per row
+            M.FEATURE_BAR_DELAY.labels(w, market).observe(max(0.0, wall - end_ms / 1000))
         for sy in out.syncs:
             self.batcher.add("book_syncs", rows.book_sync(sy.market, sy.symbol, sy.time_ms, sy.snapshot_time_ms,
                                                           sy.last_update_id, sy.reason, sy.buffered), sy.time_ms)
             if sy.reason != "start":
                 log.warning("%s %s: book rebuilt after a %s from the snapshot at update id %d (%d buffered diffs)",
                             sy.market, sy.symbol, sy.reason, sy.last_update_id, sy.buffered)
-        starts = sum(1 for sy in out.syncs if sy.reason == "start")
-        if starts:
-            log.info("%d book(s) synced from their first snapshot", starts)
+        self.start_syncs += sum(1 for sy in out.syncs if sy.reason == "start")
         for g in out.gaps:
             self._gap_row(g.market, g.symbol, g.first_missing, g.last_missing, g.from_ms, g.to_ms,
                           g.detected_ms, g.closed_ms)
@@ -205,6 +208,9 @@ class FeatureWorker:
 
         if self.totals is None:
             self.totals = M.Totals()
+        if self.start_syncs:  # one line a second, however many books a start builds
+            log.info("%d book(s) built from their first snapshot", self.start_syncs)
+            self.start_syncs = 0
         t, w, eng = self.totals, self.ctx.name, self.engine
         wall = time.time()
         markets: dict[str, Any] = {}
