@@ -1,4 +1,5 @@
-"""``python -m benchmarks {sim,pipeline,book,features,all} [--quick] [--out DIR]``: run suites, write a report."""
+"""``python -m benchmarks {sim,pipeline,book,features,feature_worker,all} [--quick] [--out DIR]``: run suites,
+write a report."""
 
 from __future__ import annotations
 
@@ -45,12 +46,19 @@ def _features(args: argparse.Namespace) -> dict[str, Any]:
     return features.run(args.quick)
 
 
+def _feature_worker(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import feature_worker
+
+    return feature_worker.run(args.quick)
+
+
 # Every suite, in the order ``all`` runs them.
 SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "sim": _sim,
     "pipeline": _pipeline,
     "book": _book,
     "features": _features,
+    "feature_worker": _feature_worker,
 }
 
 
@@ -81,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     book.add_argument("--seconds", type=float, default=None,
                       help="simulated seconds of diffs per sim payload (quick 60, full 300)")
     sub.add_parser("features", parents=[common], help="indicator cost per trade and per symbol-bar")
+    sub.add_parser("feature_worker", parents=[common], help="feature worker vs the simulator's full firehose")
     sub.add_parser("all", parents=[common], help="every suite")
     return parser.parse_args(argv)
 

@@ -23,6 +23,12 @@ One *level* is one fresh set-up, run as real subprocesses:
 7. read peak RSS (``VmHWM``), SIGTERM the ingestor (must exit 0), stop the simulator,
    drop the database.
 
+The feature worker (on by default) is watched too: its ``/health`` entry (input lag per
+market, queue depth, bars) at both ends of the window, the events it processed
+(``ingestor_feature_events_total``) at both ends, and after the pause how long it takes
+to have processed every trade and diff the simulator sent (its *drain*). It does not
+decide whether a level passes: the database does.
+
 The offered rate steps up through the levels for each shard count and stops at the
 first level that fails. A level passes with zero loss (every sent message stored
 exactly once) and no backlog: the drain after the pause takes at most
@@ -90,11 +96,12 @@ def simulator_cmd(target: float, n_symbols: int) -> list[str]:
             "--rate", f"{sim_rate(target, n_symbols):g}", "--seed", str(SEED), "--panic-every", "1000000"]
 
 
-def ingestor_cmd(dsn: str, shards: int, urls: dict[str, str], http_port: int) -> list[str]:
+def ingestor_cmd(dsn: str, shards: int, urls: dict[str, str], http_port: int,
+                 extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "ingestor.cli", "--log-level", "WARNING", "run", "--dsn", dsn,
             "--shards", str(shards), "--spot-ws-url", urls["spot_ws"], "--futures-ws-url", urls["futures_ws"],
             "--spot-rest-url", urls["spot_rest"], "--futures-rest-url", urls["futures_rest"],
-            "--http-port", str(http_port)]
+            "--http-port", str(http_port), *extra]
 
 
 # ---- /proc ---------------------------------------------------------------------------
@@ -174,6 +181,57 @@ def histogram_quantile(buckets: dict[float, float], q: float) -> float | None:
             return lower + (le - lower) * ((rank - below) / (count - below) if count > below else 1.0)
         lower, below = le, count
     return lower
+
+
+# ---- the feature worker: /metrics and /health ---------------------------------------------
+
+FEATURE_KINDS = ("aggTrade", "depthUpdate")  # what the compared streams carry
+
+
+def feature_events(text: str) -> float:
+    """Trades + diffs the feature worker has processed (``ingestor_feature_events_total``,
+    every market). It reports once a second, so this is up to a second old."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "ingestor_feature_events":
+            total += sum(s.value for s in family.samples
+                         if s.name.endswith("_total") and s.labels.get("kind") in FEATURE_KINDS)
+    return total
+
+
+def feature_status(health: dict[str, Any]) -> dict[str, Any] | None:
+    """The feature worker's ``/health`` entry, the figures read here (None: no such worker)."""
+    w = next((w for w in health["workers"].values() if w.get("kind") == "features"), None)
+    if w is None:
+        return None
+    markets = w.get("markets") or {}
+    return {"input_lag_s": {m: v.get("input_lag_s") for m, v in markets.items()},
+            "bars": {m: v.get("bars") for m, v in markets.items()},
+            "late": {m: v.get("late") for m, v in markets.items()},
+            "books": {m: v.get("books") for m, v in markets.items()},
+            "queue_depth": w.get("queue_depth"), "waiting_bars": w.get("waiting_bars"),
+            "rejected": w.get("rejected"), "status_age_s": w.get("status_age_s"), "alive": w.get("alive")}
+
+
+async def wait_features_drained(http: Any, base: str, expected: int, timeout: float) -> tuple[float | None, float]:
+    """Monotonic time at which the feature worker had processed ``expected`` trades + diffs
+    (None: not within ``timeout``, or its count stopped growing short of it for 5 s)."""
+    t0 = time.monotonic()
+    last, since = -1.0, t0
+    while time.monotonic() - t0 < timeout:
+        async with http.get(f"{base}/metrics") as resp:
+            n = feature_events(await resp.text())
+        now = time.monotonic()
+        if n >= expected:
+            return now, n
+        if n != last:
+            last, since = n, now
+        elif now - since > 5.0:
+            break
+        await asyncio.sleep(0.25)
+    return None, last
 
 
 # ---- the database ---------------------------------------------------------------------
@@ -292,8 +350,10 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> dict[int, fl
     return {pid: after[pid] - before[pid] for pid in after if pid in before}
 
 
-async def run_level(shards: int, target: float, n_symbols: int, warmup: float, window: float) -> dict[str, Any]:
-    """One fresh simulator + ingestor + database at one offered rate; see the module doc."""
+async def run_level(shards: int, target: float, n_symbols: int, warmup: float, window: float,
+                    ingestor_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One fresh simulator + ingestor + database at one offered rate; see the module doc.
+    ``ingestor_args``: extra ``ingestor run`` flags (e.g. feature parameters)."""
     db = f"bench_pipeline_{os.getpid()}_{shards}_{int(target)}"
     dsn = f"{PG_ROOT}/{db}"
     await pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
@@ -306,7 +366,7 @@ async def run_level(shards: int, target: float, n_symbols: int, warmup: float, w
         sim.start()
         urls = orjson.loads(sim.first_line(30.0))
         http_port = free_port()
-        ingestor = Service("ingestor", ingestor_cmd(dsn, shards, urls, http_port))
+        ingestor = Service("ingestor", ingestor_cmd(dsn, shards, urls, http_port, ingestor_args))
         base = f"http://127.0.0.1:{http_port}"
         result["commands"] = [" ".join(sim.cmd), " ".join(ingestor.cmd)]
         t_start = time.monotonic()
@@ -317,7 +377,13 @@ async def run_level(shards: int, target: float, n_symbols: int, warmup: float, w
             await asyncio.sleep(warmup)
             result.update(await measure(http, urls["admin"], base, ingestor.pid, sim.pid, db, window))
             result.update(await finish(http, urls["admin"], dsn))
+            paused_at = result.pop("paused_at")
+            if result.get("features_end") is not None:
+                done, n = await wait_features_drained(http, base, result["sent"], DRAIN_TIMEOUT_S)
+                result["features_drain_s"] = None if done is None else done - paused_at
+                result["features_events_after"] = n
             health = await get_json(http, f"{base}/health")
+            result["features_after"] = feature_status(health)
         result["restarts"] = {n: w["restarts"] for n, w in health["workers"].items()}
         result["peak_rss_mb"] = {name: peak_rss_mb(pid) for pid, name in names_of(health, ingestor.pid).items()}
     except Exception as exc:  # noqa: BLE001 - the report says what failed; the next level is skipped
@@ -347,7 +413,8 @@ async def measure(http: Any, admin: str, base: str, supervisor: int, sim_pid: in
         health0 = await get_json(http, f"{base}/health")
         kinds = kinds_of(health0, supervisor)
         async with http.get(f"{base}/metrics") as resp:
-            lag0 = lag_buckets(await resp.text())
+            text0 = await resp.text()
+        lag0 = lag_buckets(text0)
         sim_pids = process_tree(sim_pid)
         watched = list(kinds) + backends + sim_pids
         cpu0 = cpu_seconds(watched)
@@ -360,7 +427,8 @@ async def measure(http: Any, admin: str, base: str, supervisor: int, sim_pid: in
         t1 = time.monotonic()
         cpu = cpu_delta(cpu0, cpu_seconds(watched))
         async with http.get(f"{base}/metrics") as resp:
-            lag1 = lag_buckets(await resp.text())
+            text1 = await resp.text()
+        lag1 = lag_buckets(text1)
         health1 = await get_json(http, f"{base}/health")
     finally:
         await conn.close()
@@ -386,6 +454,11 @@ async def measure(http: Any, admin: str, base: str, supervisor: int, sim_pid: in
         "model_lag_ms": [st0.get("model_lag_ms"), st1.get("model_lag_ms")],
         "regime": sorted({m["regime"] for s in (st0, st1) for m in s["markets"].values()}),
         "slow_consumer_closed": sum(m["ws"].get("slow_consumer_closed_total", 0) for m in st1["markets"].values()),
+        # The feature worker: its status at both ends, and trades + diffs processed per second
+        # (from its once-a-second report, so within a second at each end).
+        "features_start": feature_status(health0),
+        "features_end": feature_status(health1),
+        "features_per_s": (feature_events(text1) - feature_events(text0)) / elapsed,
     }
 
 
@@ -394,6 +467,7 @@ async def finish(http: Any, admin: str, dsn: str) -> dict[str, Any]:
     async with http.post(f"{admin}/pause") as resp:
         if resp.status != 200:
             raise RuntimeError(f"simulator did not pause: {await resp.text()}")
+    paused_at = time.monotonic()
     stats = await get_json(http, f"{admin}/stats")
     sent = sent_by_stream(stats)
     conn = await asyncpg.connect(dsn, timeout=10)
@@ -402,7 +476,7 @@ async def finish(http: Any, admin: str, dsn: str) -> dict[str, Any]:
         check = await compare(conn, sent)
     finally:
         await conn.close()
-    return {"drain_s": drain_s, **check}
+    return {"drain_s": drain_s, "paused_at": paused_at, **check}
 
 
 # ---- the suite -------------------------------------------------------------------------
@@ -417,27 +491,45 @@ def step_up(shards: int, levels: Iterable[float], n_symbols: int, warmup: float,
         t0 = time.monotonic()
         r = asyncio.run(run_level(shards, target, n_symbols, warmup, window))
         r["level_wall_s"] = time.monotonic() - t0
-        print(f"[pipeline]   {_verdict(r)} ({r['level_wall_s']:.0f} s)", file=sys.stderr, flush=True)
+        print(f"[pipeline]   {verdict(r)} ({r['level_wall_s']:.0f} s)", file=sys.stderr, flush=True)
         results.append(r)
         if not r["passed"] or r["sim_behind"]:
             break
     return results
 
 
-def _verdict(r: dict[str, Any]) -> str:
+def verdict(r: dict[str, Any]) -> str:
     if r["error"]:
         return f"error: {r['error'][:200]}"
     drain = "not drained" if r.get("drain_s") is None else f"drain {r['drain_s']:.1f} s"
     sim = f", simulator {r['model_lag_ms'][1]} ms behind wall time" if r["sim_behind"] else ""
+    lag, own = feature_lag(r), feature_own_lag(r)
+    feat = "" if lag is None or own is None else \
+        f", feature input lag {lag:.2f} s at the window's end ({own:+.2f} s beyond the simulator's)"
     return (f"{'ok' if r['passed'] else 'FAIL'}: offered {r['offered_per_s']:,.0f}/s, stored "
-            f"{r['stored_per_s'] or 0:,.0f}/s, missing {r['missing']}, duplicates {r['duplicates']}, {drain}{sim}")
+            f"{r['stored_per_s'] or 0:,.0f}/s, missing {r['missing']}, duplicates {r['duplicates']}, "
+            f"{drain}{sim}{feat}")
+
+
+def feature_lag(r: dict[str, Any]) -> float | None:
+    """The feature worker's input lag at the window's end, the larger of the markets."""
+    lags = [v for v in ((r.get("features_end") or {}).get("input_lag_s") or {}).values() if v is not None]
+    return max(lags) if lags else None
+
+
+def feature_own_lag(r: dict[str, Any]) -> float | None:
+    """That lag minus the simulator's model lag (event times are its model clock): what the
+    ingestor side adds. The two are read within a second of each other (the worker reports
+    once a second), so it is good to about that."""
+    lag, sim = feature_lag(r), (r.get("model_lag_ms") or [None, None])[1]
+    return None if lag is None or sim is None else lag - sim / 1000
 
 
 def _ratio(value: float | None, base: float | None) -> str:
     return f"x{value / base:.2f} vs shards=1" if value is not None and base else ""
 
 
-def _cpu_per_million(r: dict[str, Any], kind: str) -> float | None:
+def cpu_per_million(r: dict[str, Any], kind: str) -> float | None:
     sec = r.get("cpu_s_by_kind", {}).get(kind)
     return sec / (r["all_messages"] / 1e6) if sec is not None and r.get("all_messages") else None
 
@@ -502,7 +594,7 @@ def summary_metrics(by_shards: dict[int, list[dict[str, Any]]]) -> tuple[list[di
         if k != base and b is not None and base_best is not None and not (b["sim_behind"] or base_best["sim_behind"]):
             note += "; " + _ratio(b["stored_per_s"], base_best["stored_per_s"])
         rows.append(metric(f"sustained zero-loss rate, shards={k}", b["stored_per_s"] if b else None, "msg/s", note))
-        levels = "; ".join(f"{r['target']:,.0f}: {_verdict(r)}" for r in by_shards[k])
+        levels = "; ".join(f"{r['target']:,.0f}: {verdict(r)}" for r in by_shards[k])
         notes.append(f"shards={k}, levels (nominal msg/s): {levels}")
     notes.insert(0, f"Rows after the sustained rates are at the reference level, nominal {ref:,.0f} msg/s: "
                     + ("the highest that every shard count passed with the simulator keeping up." if all_clean else
@@ -518,9 +610,19 @@ def summary_metrics(by_shards: dict[int, list[dict[str, Any]]]) -> tuple[list[di
     per_shards("event-to-commit p50", "ms", lambda r: _ms(r["lag_p50_s"]), "bucket-interpolated, see notes")
     per_shards("event-to-commit p99", "ms", lambda r: _ms(r["lag_p99_s"]), "bucket-interpolated, see notes")
     for kind, note in (("socket", "all K socket workers together"), ("writer", ""), ("rest", ""),
+                       ("features", "the feature worker: books, bars, indicators"),
                        ("supervisor", ""), ("postgres", "server backends of the benchmark database (not ours)"),
                        ("simulator", "context: the load generator")):
-        per_shards(f"CPU per 1M msgs, {kind}", "CPU-s", lambda r, kind=kind: _cpu_per_million(r, kind), note)
+        per_shards(f"CPU per 1M msgs, {kind}", "CPU-s", lambda r, kind=kind: cpu_per_million(r, kind), note)
+    per_shards("feature input lag at window end", "s", feature_lag,
+               "wall time minus the latest event time the feature worker processed (/health, larger market); "
+               "includes the simulator's model lag", ratio=False)
+    per_shards("feature lag beyond the simulator's", "s", feature_own_lag,
+               "the row above minus the simulator's model lag: what the ingestor adds", ratio=False)
+    per_shards("feature queue at window end", "items", lambda r: (r.get("features_end") or {}).get("queue_depth"),
+               "Feed batches + snapshots waiting", ratio=False)
+    per_shards("feature drain after pause", "s", lambda r: r.get("features_drain_s"),
+               "until it has processed every trade and diff sent (1 s report resolution)", ratio=False)
     per_shards("CPU busy, all processes", "cores",
                lambda r: sum(r["cpu_cores_by_kind"].values()), "ingestor + postgres backends + simulator")
     per_shards("peak RSS, supervisor", "MB", lambda r: _first(_rss(r, "supervisor")), "VmHWM")
@@ -528,6 +630,7 @@ def summary_metrics(by_shards: dict[int, list[dict[str, Any]]]) -> tuple[list[di
                "VmHWM of each socket-i in the details")
     per_shards("peak RSS, writer", "MB", lambda r: _first(_rss(r, "writer")), "VmHWM")
     per_shards("peak RSS, rest", "MB", lambda r: _first(_rss(r, "rest")), "VmHWM")
+    per_shards("peak RSS, features", "MB", lambda r: _first(_rss(r, "features")), "VmHWM")
     per_shards("peak RSS, all ingestor processes", "MB", lambda r: sum(_rss(r, "")), "sum of VmHWM")
     per_shards("busiest shard's share of messages", "ratio", lambda r: _busiest(r),
                "1/K = perfectly even", ratio=False)
@@ -579,6 +682,11 @@ def run(quick: bool, shards: tuple[int, ...] | None = None, levels: tuple[float,
         "server backends connected to the benchmark database (the COPYs' jsonb parsing runs there); WAL writer "
         "and checkpointer are not counted. All processes share the host's cores, simulator included. /proc "
         "counts in 10 ms ticks: rest and supervisor use only a few ticks per window, so their figures are coarse.",
+        "Feature worker (on by default, 60 s bars): input lag is wall time minus the latest event time it has "
+        "processed, from its once-a-second /health report, so it holds up to a second of report age and, "
+        "since event times are the simulator's model clock, the simulator's own lag; the drain is from the "
+        "pause until its trade + diff count reaches what the simulator sent. It does not decide a level's "
+        "verdict (see `python -m benchmarks feature_worker` for the firehose).",
         f"Levels are nominal: --rate = (level - {DEPTH_MSGS_PER_SYMBOL} x symbols) / 2 taker orders/s per "
         "market; an order that walks several price levels emits several aggTrades, so the offered rate "
         f"(measured) comes out a little higher. {n_symbols} symbols per market; panic regimes off "
