@@ -172,6 +172,13 @@ def test_futures_sync_uses_pu_detects_gap_and_resyncs() -> None:
     assert not late.synced and len(late.pending) == 1
     assert late.on_snapshot({"lastUpdateId": 305, "bids": [], "asks": []})  # U 300 <= 305 <= u 310
     assert late.book is not None and late.book.last_update_id == 310
+    # A snapshot taken between two events (its lastUpdateId is the next event's pu) follows
+    # it exactly, though U > lastUpdateId: applied, not refetched.
+    between = new_sync("futures")
+    between.on_event(_ev(300, 310, 290, b=[["1.0", "7"]]))
+    assert between.on_snapshot({"lastUpdateId": 290, "bids": [["1.0", "1"]], "asks": []})
+    assert between.book is not None and between.book.last_update_id == 310
+    assert levels(between.book)[0] == [(1.0, 7.0)]
     # A hole inside the buffer still shows as a gap once the book is installed.
     holed = new_sync("futures")
     holed.on_event(_ev(300, 310, 290))

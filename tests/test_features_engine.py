@@ -272,3 +272,15 @@ def test_rows_do_not_depend_on_arrival_order_batching_or_snapshot_timing(market:
         assert got.keys() == reference.keys(), f"trial {trial}"
         bad = [k for k in reference if not _equal(reference[k], got[k])]
         assert not bad, f"trial {trial}: {len(bad)} rows differ, first {bad[:3]}"
+
+
+def test_usdm_event_right_after_the_snapshot_makes_its_book_known() -> None:
+    # lastUpdateId 110 is B's u: C (pu 110) follows the snapshot exactly, so at 2000 the
+    # book is the snapshot's, though C's U (111) is past it.
+    eng = engine()
+    snap = {"lastUpdateId": 110, "bids": [["10.0", "3"], ["9.9", "5"]], "asks": [["10.1", "1"], ["10.2", "1"]]}
+    eng.depth("futures", [C])
+    eng.snapshot("futures", "X", 1990, snap)
+    eng.trades("futures", [trade(1200), trade(3600, a=2)])
+    (r,) = rows(eng)
+    assert r.row["obi"] == pytest.approx(0.6)

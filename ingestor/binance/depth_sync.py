@@ -8,7 +8,10 @@ else is applied and ``local = u``.
 
 USD-M: drop events with ``u < lastUpdateId``; the first applied event must have
 ``U <= lastUpdateId <= u``; after that every event's ``pu`` must equal the previous
-event's ``u`` (USD-M ids are venue-wide, so ``U`` is not ``prev u + 1``).
+event's ``u`` (USD-M ids are venue-wide, so ``U`` is not ``prev u + 1``). One case the
+documented rule leaves out is taken too: a first event whose ``pu`` *is* the snapshot's
+``lastUpdateId`` follows it exactly (the snapshot was taken between two events), so it
+is applied instead of throwing away a snapshot that costs 20 of a minute's weight.
 
 This is pure state: the caller does the I/O (subscribe first, then the snapshot). The
 default book here keeps the exchange's decimal strings as keys, which is exact and enough
@@ -121,7 +124,8 @@ class DepthSync(Generic[B]):
         changes between them are on no event), so fetch another one: Spot's rule, and on
         USD-M the first event to apply must start at or before ``lastUpdateId``."""
         lid = int(snapshot["lastUpdateId"])
-        if self.pending and lid < self.pending[0]["U"] - (1 if self.market == "spot" else 0):
+        if self.pending and lid < self.pending[0]["U"] - (1 if self.market == "spot" else 0) \
+                and not (self.market == "futures" and self.pending[0].get("pu") == lid):
             return False
         book: B = self.book_factory(lid)
         book.apply(snapshot["bids"], snapshot["asks"])
@@ -147,7 +151,7 @@ class DepthSync(Generic[B]):
         elif self.prev_u is None:
             if u < book.last_update_id:
                 return False
-            if U > book.last_update_id:
+            if U > book.last_update_id and ev["pu"] != book.last_update_id:
                 raise DepthGap(f"{ev.get('s')}: first event U={U} > lastUpdateId "
                                f"{book.last_update_id}", book.last_update_id + 1, U - 1)
         elif ev["pu"] != self.prev_u:

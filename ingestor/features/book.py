@@ -96,7 +96,7 @@ class NumpyBook:
         self.last_update_id = last_update_id
         self._k: F64 = _EMPTY
         self._q: F64 = _EMPTY
-        self._px: F64 = _EMPTY
+        self._px: F64 | None = _EMPTY  # absolute prices, made when a side is read (None: stale)
         self._nb = 0  # number of bid levels: they are the first _nb entries
         # The price range this book knows completely: set by the first apply, which is the
         # snapshot (DepthSync applies it to a fresh book). Diffs carry every change, so
@@ -138,25 +138,31 @@ class NumpyBook:
         self.changed = _EMPTY if first else keys
         k, q = _merge(self._k, self._q, keys, qtys)
         if k is not self._k:  # levels came or went: refresh prices and the split
-            self._k, self._px = k, np.abs(k)
+            self._k, self._px = k, None  # the prices are derived when read: most diffs are never read
             self._nb = int(k.searchsorted(0.0))
         self._q = q
+
+    def _prices(self) -> F64:
+        px = self._px
+        if px is None:
+            px = self._px = np.abs(self._k)
+        return px
 
     def bids(self) -> tuple[F64, F64]:
         """(prices, quantities), best (highest) first: read-only views."""
         nb = self._nb
-        return _readonly(self._px[:nb]), _readonly(self._q[:nb])
+        return _readonly(self._prices()[:nb]), _readonly(self._q[:nb])
 
     def asks(self) -> tuple[F64, F64]:
         """(prices, quantities), best (lowest) first: read-only views."""
         nb = self._nb
-        return _readonly(self._px[nb:]), _readonly(self._q[nb:])
+        return _readonly(self._prices()[nb:]), _readonly(self._q[nb:])
 
     def best_bid(self) -> float | None:
-        return float(self._px[0]) if self._nb else None
+        return -float(self._k[0]) if self._nb else None
 
     def best_ask(self) -> float | None:
-        return float(self._px[self._nb]) if self._px.shape[0] > self._nb else None
+        return float(self._k[self._nb]) if self._k.shape[0] > self._nb else None
 
     def mid(self) -> float | None:
         b, a = self.best_bid(), self.best_ask()
@@ -168,7 +174,7 @@ class NumpyBook:
 
     def depth(self) -> tuple[int, int]:
         """Number of (bid, ask) levels."""
-        return self._nb, self._px.shape[0] - self._nb
+        return self._nb, self._k.shape[0] - self._nb
 
     def side_ascending(self, bid: bool) -> tuple[F64, F64]:
         """One side in ascending price order (read-only views)."""

@@ -16,8 +16,8 @@ The rows depend on what the messages say, not on when they arrived:
   is read ("cut") just before the first diff at or past the end is applied, which is the
   same place in the diff sequence however diffs were batched, buffered or interleaved
   with trades. The first diff applied after a (re)sync cuts nothing but "unknown" for
-  the ends it passes (the snapshot may postdate them), unless it starts exactly at the
-  snapshot's ``lastUpdateId + 1``;
+  the ends it passes (the snapshot may postdate them), unless it follows the snapshot
+  exactly (``U`` is its ``lastUpdateId + 1``, or on USD-M ``pu`` is its ``lastUpdateId``);
 - a bar that closes before any diff has passed its end takes the current book when the
   book is synced and has applied a diff since its snapshot (no later diff has come, so
   the current book *is* the book at the end); while a snapshot is awaited the bar waits
@@ -204,7 +204,8 @@ class SymbolState:
         assert book is not None
         end = ev["E"] - ev["E"] % self.bar_ms  # the latest bar end at or before E
         if end > self.decided_end:
-            if self.fresh and ev["U"] != book.last_update_id + 1:
+            lid = book.last_update_id
+            if self.fresh and ev["U"] != lid + 1 and ev.get("pu") != lid:
                 self._decide_until(end, None)
             else:
                 self._decide_until(end, self._view())
@@ -512,32 +513,45 @@ class FeatureEngine:
     # checked the fields it stores; these are the ones only the indicators read.
 
     def trades(self, market: Market, events: list[dict[str, Any]]) -> int:
-        """``aggTrade`` payloads, in arrival order."""
-        c = self.counters[market]
-        bad = 0
+        """``aggTrade`` payloads, in arrival order. The hot loop of the worker: per trade only
+        the checks and the bar builder; clock and counters move once per batch."""
+        symbols = self.symbols
+        start = self.start_ms.get(market)
+        newest = 0
+        bad = n = late = 0
         for ev in events:
             try:
-                t = ev["T"]
+                t, symbol = ev["T"], ev["s"]
                 price, qty, maker = float(ev["p"]), float(ev["q"]), ev["m"]
                 if not isinstance(t, int) or not isinstance(maker, bool):
                     raise TypeError("T or m")
                 if not (0.0 < price < math.inf and 0.0 < qty < math.inf):  # NaN fails too
                     raise ValueError("p or q")
-                self._seen(market, t)
-                st = self._state(market, ev["s"])
             except _BAD:
                 bad += 1
                 continue
+            if t > newest:
+                newest = t
+            if start is None:  # the market's first event: its first whole bar follows it
+                self.set_start(market, t)
+                start = self.start_ms[market]
+            st = symbols.get((market, symbol)) or self._state(market, symbol)
             if st is None:
                 continue
-            c.trades += 1
-            if t < self.start_ms[market]:
+            n += 1
+            if t < start:
                 continue  # before the first whole bar
-            late = st.bars.late_dropped
-            bars = st.bars.add_trade(t, price, qty, maker)
-            c.late += st.bars.late_dropped - late
+            builder = st.bars
+            dropped = builder.late_dropped
+            bars = builder.add_trade(t, price, qty, maker)
+            late += builder.late_dropped - dropped
             if bars:
                 st.on_bars(bars)
+        if newest:
+            self._seen(market, newest)
+        c = self.counters[market]
+        c.trades += n
+        c.late += late
         return bad
 
     def depth(self, market: Market, events: list[dict[str, Any]]) -> int:

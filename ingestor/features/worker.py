@@ -174,7 +174,7 @@ class FeatureWorker:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        last_status = 0.0
+        last_status = last_tick = 0.0
         draining = False
         while not draining:
             items = await loop.run_in_executor(None, self._take)
@@ -183,8 +183,12 @@ class FeatureWorker:
                     draining = True
                     break
                 self.handle(item)
-            self.tick()
             now = time.monotonic()
+            # The clock and the outputs once per tick, not per turn: many small batches (more
+            # shards) would otherwise cost a tick each.
+            if now - last_tick >= TICK_S or not items:
+                last_tick = now
+                self.tick()
             if now - last_status >= STATUS_PERIOD_S:
                 last_status = now
                 self.report()
