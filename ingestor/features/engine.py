@@ -223,6 +223,7 @@ class SymbolState:
                 and isinstance(ev["b"], list) and isinstance(ev["a"], list)
                 and (self.market == "spot" or isinstance(ev["pu"], int))):
             raise TypeError("E, U, u, pu, b or a")
+        eng.counters[self.market].diffs += 1
         try:
             self.sync.on_event(ev)  # buffered while there is no book
         except DepthGap as gap:
@@ -233,7 +234,6 @@ class SymbolState:
         if self.checks and self.sync.book is not None:
             self._run_checks()
         self._resolve()
-        eng.counters[self.market].diffs += 1
 
     def _try_held(self) -> None:
         """Diffs are buffering: build the book from a snapshot that came before them, or ask."""
