@@ -62,6 +62,8 @@ class Settings:
     batch_rows: int = field(default=5000, metadata=_opt("rows per COPY batch before it is sent"))
     batch_age_ms: int = field(default=200, metadata=_opt("oldest row age before a batch is sent anyway"))
     writer_connections: int = field(default=4, metadata=_opt("parallel COPY connections of the writer"))
+    spool_max_mb: int = field(default=4096, metadata=_opt(
+        "disk the writer may fill with batches (in <data-dir>/spool) while the database is away or behind"))
     snapshot_interval_s: float = field(default=300.0, metadata=_opt(
         "seconds between full depth snapshots of each symbol; 0 disables"))
     snapshot_limit: int = field(default=1000, metadata=_opt("levels per depth snapshot"))
@@ -228,7 +230,8 @@ def validate(s: Settings) -> None:
     if s.dsn is not None:
         if s.dsn.partition("://")[0] not in ("postgres", "postgresql"):
             raise ConfigError(f"dsn must be a postgresql:// URL (got {mask_dsn(s.dsn)!r})")
-    for name in ("batch_rows", "batch_age_ms", "writer_connections", "snapshot_limit", "max_frame_bytes"):
+    for name in ("batch_rows", "batch_age_ms", "writer_connections", "snapshot_limit", "max_frame_bytes",
+                 "spool_max_mb"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be at least 1 (got {getattr(s, name)})")
     for name in ("snapshot_interval_s", "open_interest_interval_s"):

@@ -30,6 +30,13 @@ COPY_BATCHES = Counter("ingestor_copy_batches", "COPY statements committed", ["w
 COPY_ERRORS = Counter("ingestor_copy_errors", "COPY statements that failed", ["worker", "table", "kind"])
 ROWS_REJECTED = Counter("ingestor_rows_rejected", "Rows the database refused (isolated and logged)",
                         ["worker", "table"])
+ROWS_DUPLICATE = Counter("ingestor_rows_duplicate", "Rows already stored, skipped (a message that came twice)",
+                         ["worker", "table"])
+SPOOLED_BATCHES = Counter("ingestor_spooled_batches", "Batches written to the disk spool", ["worker"])
+REPLAYED_BATCHES = Counter("ingestor_replayed_batches", "Spooled batches committed to the database", ["worker"])
+SPOOL_BYTES = Gauge("ingestor_spool_bytes", "Bytes in the disk spool", ["worker"], multiprocess_mode="livesum")
+SPOOL_FULL = Gauge("ingestor_spool_full", "1 while the spool is full and batches wait unacknowledged", ["worker"],
+                   multiprocess_mode="livesum")
 COPY_SECONDS = Histogram("ingestor_copy_seconds", "COPY statement duration", ["worker", "table"],
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 LAG_SECONDS = Histogram("ingestor_event_to_commit_seconds",

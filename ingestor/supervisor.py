@@ -38,6 +38,7 @@ from ingestor.db.reference import record_symbol_info
 from ingestor.features import feed
 from ingestor.features import worker as feature_worker
 from ingestor.workers import rest_worker, socket_worker
+from ingestor.workers.delivery import WriterLink
 from ingestor.writer import process as writer_process
 
 log = logging.getLogger(__name__)
@@ -159,25 +160,38 @@ class Supervisor:
             self.queue = self.ctx.Queue()
             self.status_queue = self.ctx.Queue()
             self.stop_event = self.ctx.Event()
+            # Each producer's acknowledgements from the writer, and the count of writer
+            # starts: a producer sends its unacknowledged batches again when it moves.
+            self.writer_epoch = self.ctx.Value("q", 0)
+            producers = [f"socket-{i}" for i in range(len(self.shards))] + ["rest"] + (
+                ["features"] if s.features else [])
+            self.ack_queues = {name: self.ctx.Queue() for name in producers}
+
+            def link(name: str) -> WriterLink:
+                return WriterLink(self.queue, self.ack_queues[name], self.writer_epoch)
+
             # The feature worker's input (feeds and snapshots) and its snapshot requests.
             self.feature_queue = self.ctx.Queue() if s.features else None
             self.request_queue = self.ctx.Queue() if s.features else None
             self.children.append(Child("writer", "writer", writer_process.main,
-                                       (s, "writer", self.dsn, self.queue, self.status_queue), (self.queue,)))
+                                       (s, "writer", self.dsn, self.queue, self.status_queue, self.ack_queues),
+                                       (self.queue,)))
             if s.features:
                 ticks = {k: float(v) for k, v in self.universe.tick_sizes.items()}
                 self.children.append(Child("features", "features", feature_worker.main,
-                                           (s, "features", ticks, self.feature_queue, self.queue,
-                                            self.request_queue, self.status_queue), (self.feature_queue,)))
+                                           (s, "features", ticks, self.feature_queue, link("features"),
+                                            self.request_queue, self.status_queue),
+                                           (self.feature_queue, self.ack_queues["features"])))
             for i, conns in enumerate(self.shards):
                 name = f"socket-{i}"
                 self.children.append(Child(name, "socket", socket_worker.main,
-                                           (s, name, conns, symbols, self.queue, self.status_queue,
-                                            self.stop_event, self.feature_queue)))
+                                           (s, name, conns, symbols, link(name), self.status_queue,
+                                            self.stop_event, self.feature_queue), (self.ack_queues[name],)))
             self.children.append(Child("rest", "rest", rest_worker.main,
-                                       (s, "rest", symbols, self.queue, self.status_queue, self.stop_event,
+                                       (s, "rest", symbols, link("rest"), self.status_queue, self.stop_event,
                                         self.feature_queue, self.request_queue),
-                                       (self.request_queue,) if self.request_queue is not None else ()))
+                                       (self.ack_queues["rest"],
+                                        *((self.request_queue,) if self.request_queue is not None else ()))))
             for child in self.children:
                 self._start(child)
             threading.Thread(target=self._read_status, name="status-reader", daemon=True).start()
@@ -218,6 +232,9 @@ class Supervisor:
         self._stop_requested.set()
 
     def _start(self, child: Child) -> None:
+        if child.kind == "writer":
+            with self.writer_epoch.get_lock():
+                self.writer_epoch.value += 1
         child.process = self.ctx.Process(target=child.target, args=child.args, name=child.name, daemon=False)
         child.process.start()
         child.started_at = time.monotonic()

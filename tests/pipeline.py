@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,11 @@ class Pipeline:
     async def start(self, timeout: float = 30.0) -> Pipeline:
         env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTOR_")}
         env.update(self.env or {})
+        # Its own data directory (the writer's spool lives there), unless the test chose one.
+        chosen = "--data-dir" in self.args or "XDG_DATA_HOME" in (self.env or {})
+        data_dir = [] if chosen else ["--data-dir", tempfile.mkdtemp(prefix="ingestor-test-")]
         self.proc = await asyncio.create_subprocess_exec(
-            INGESTOR, "run", "--http-port", "0", *self.args,
+            INGESTOR, "run", "--http-port", "0", *data_dir, *self.args,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
             start_new_session=True,  # its own process group: kill() takes the workers too
         )

@@ -22,7 +22,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "depth_snapshots": ("market", "time", "symbol", "market_type", "payload"),
     "stream_gaps": (
         "market", "symbol", "stream", "from_id", "to_id", "from_time", "to_time", "detected_at", "closed_how",
-        "closed_at",
+        "closed_rows", "closed_at",
     ),
     "book_syncs": ("market", "time", "symbol", "snapshot_time", "last_update_id", "reason", "buffered"),
 }
@@ -110,7 +110,7 @@ def depth_snapshot(market: Market, symbol: str, time_ms: int, payload: bytes) ->
 def stream_gap(
     market: Market, symbol: str, stream: str, from_id: int | None, to_id: int | None,
     from_ms: int | None, to_ms: int | None, detected_ms: int, closed_how: str = "open",
-    closed_ms: int | None = None,
+    closed_ms: int | None = None, closed_rows: int | None = None,
 ) -> bytes:
     def opt_int(v: int | None) -> bytes:
         return cb.NULL if v is None else cb.int8(v)
@@ -121,7 +121,7 @@ def stream_gap(
     return b"".join((
         _HEAD["stream_gaps"], MARKET_FIELD[market], symbol_field(symbol), cb.text(stream),
         opt_int(from_id), opt_int(to_id), opt_ts(from_ms), opt_ts(to_ms), cb.timestamptz_ms(detected_ms),
-        cb.text(closed_how), opt_ts(closed_ms),
+        cb.text(closed_how), opt_int(closed_rows), opt_ts(closed_ms),
     ))
 
 

@@ -33,10 +33,12 @@ from ingestor.features.engine import FeatureEngine, Outbox
 from ingestor.features.feed import DRAIN, Feed, Snapshot, SnapshotRequest
 from ingestor.workers.batching import Batcher
 from ingestor.workers.child import ChildContext, run_child
+from ingestor.workers.delivery import Delivery, WriterLink
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
+ACK_WAIT_S = 20.0  # at stop, how long to wait for the writer to acknowledge the last rows
 STATUS_PERIOD_S = 1.0
 MAX_ITEMS_PER_TURN = 256  # queue items taken per turn before the clock and outputs get a look
 WATCH_INDICATORS = ("close", "cvd", "panic_index", "absorption", "obi", "cascade_exhaustion", "fp_imbalance",
@@ -46,7 +48,7 @@ _BAD_EVENT = (KeyError, TypeError, ValueError, IndexError, AttributeError)
 
 class FeatureWorker:
     def __init__(self, ctx: ChildContext, tick_sizes: dict[tuple[Market, str], float], in_queue: Any,
-                 out_queue: Any, request_queue: Any, status_queue: Any) -> None:
+                 link: WriterLink, request_queue: Any, status_queue: Any) -> None:
         self.ctx = ctx
         s = self.settings = ctx.settings
         self.fs = s.feature_settings()
@@ -54,7 +56,8 @@ class FeatureWorker:
         self.in_queue = in_queue
         self.request_queue = request_queue
         self.status_queue = status_queue
-        self.batcher = Batcher(out_queue.put, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
+        self.delivery = Delivery(ctx.name, link)
+        self.batcher = Batcher(self.delivery.send, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
                                producer=ctx.name)
         self.watch = set(s.feature_watchlist)
         # Exchange clock per market: (latest event time seen, wall time when it was seen).
@@ -127,6 +130,7 @@ class FeatureWorker:
             self.engine.clock(market, ms + int((wall - at) * 1000))
         self.emit(self.engine.outbox.take(), wall)
         self.batcher.flush()
+        self.delivery.poll()
 
     def emit(self, out: Outbox, wall: float) -> None:
         from ingestor import metrics as M
@@ -194,14 +198,15 @@ class FeatureWorker:
                 self.report()
             if not items and (self.ctx.orphaned or self.ctx.stopping.is_set()):
                 break  # no supervisor to send DRAIN, or told to stop by a signal: finish what we have
-        self.finish()
+        await self.finish()
 
-    def finish(self) -> None:
+    async def finish(self) -> None:
         self.tick()
         for g in self.engine.open_gaps():
             self._gap_row(g.market, g.symbol, g.first_missing, g.last_missing, g.from_ms, g.to_ms,
                           g.detected_ms, None)
         self.batcher.flush(force=True)
+        await self.delivery.wait_acked(ACK_WAIT_S)
         self.report()
         c = {m: self.engine.counters[m] for m in self.engine.start_ms}
         log.info("stopped: %s", ", ".join(f"{m} {x.bars} bars, {x.trades} trades, {x.diffs} diffs"
@@ -257,10 +262,10 @@ class FeatureWorker:
 
 
 def main(settings: Settings, name: str, tick_sizes: dict[tuple[Market, str], float], in_queue: Any,
-         out_queue: Any, request_queue: Any, status_queue: Any) -> None:
+         link: WriterLink, request_queue: Any, status_queue: Any) -> None:
     async def body(ctx: ChildContext) -> None:
-        await FeatureWorker(ctx, tick_sizes, in_queue, out_queue, request_queue, status_queue).run()
-        ctx.release_queues(status_queue, request_queue, *((out_queue,) if ctx.orphaned else ()))
+        await FeatureWorker(ctx, tick_sizes, in_queue, link, request_queue, status_queue).run()
+        ctx.release_queues(status_queue, request_queue, *((link.queue,) if ctx.orphaned else ()))
 
     # Like the writer, it takes no stop event: it stops on DRAIN, after the producers.
     run_child(settings, name, None, body)

@@ -7,16 +7,49 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ingestor.binance.streams import Market
+
+
+@dataclass(frozen=True, slots=True)
+class Backfill:
+    """What a backfill batch fills: one trade gap (the key of its stream_gaps row) and
+    the trade times it covers; ``complete`` False when REST could not give every id."""
+
+    market: Market
+    symbol: str
+    from_id: int
+    to_id: int
+    from_ms: int | None
+    to_ms: int | None
+    detected_ms: int
+    first_trade_ms: int
+    last_trade_ms: int
+    complete: bool
+
 
 @dataclass(slots=True)
 class Batch:
-    """Encoded COPY tuples for one table, and each row's event time (for lag)."""
+    """Encoded COPY tuples for one table, and each row's event time (for lag).
+
+    ``producer``, ``incarnation`` (one per producer process start) and ``seq`` name the
+    batch for the writer's acknowledgement; ``kind`` says how to store it: ``rows`` (COPY,
+    duplicates skipped), ``close`` (stream_gaps rows that close a gap), ``backfill``
+    (trades from REST: ``ids`` holds their ids, ``backfill`` the gap)."""
 
     table: str
     rows: int
     data: bytes
     event_ms: bytes  # array('q') of event times in Unix ms, one per row
     producer: str = ""
+    incarnation: int = 0
+    seq: int = 0
+    kind: str = "rows"
+    ids: bytes = b""
+    backfill: Backfill | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + len(self.event_ms) + len(self.ids)
 
 
 @dataclass(slots=True)

@@ -32,8 +32,11 @@ from ingestor.config import Settings
 from ingestor.features.feed import Snapshot, SnapshotRequest
 from ingestor.workers.batching import Batcher
 from ingestor.workers.child import ChildContext, run_child
+from ingestor.workers.delivery import Delivery, WriterLink
 
 log = logging.getLogger(__name__)
+
+ACK_WAIT_S = 20.0  # at stop, how long to wait for the writer to acknowledge the last batches
 
 @dataclass(frozen=True, order=True)
 class Job:
@@ -57,18 +60,18 @@ def schedule(symbols: dict[Market, list[str]], settings: Settings) -> list[tuple
     return out
 
 class RestWorker:
-    def __init__(self, ctx: ChildContext, symbols: dict[Market, list[str]], out_queue: Any,
+    def __init__(self, ctx: ChildContext, symbols: dict[Market, list[str]], link: WriterLink,
                  status_queue: Any, feature_queue: Any = None, request_queue: Any = None) -> None:
         self.ctx = ctx
         self.settings = s = ctx.settings
         self.symbols = symbols
-        self.out_queue = out_queue
+        self.delivery = Delivery(ctx.name, link)
         self.status_queue = status_queue
         self.feature_queue = feature_queue
         self.request_queue = request_queue
         self.asked: set[tuple[Market, str]] = set()  # requests waiting or in flight (one each)
         self.served = 0
-        self.batcher = Batcher(out_queue.put, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
+        self.batcher = Batcher(self.delivery.send, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
                                producer=ctx.name)
         self.done: dict[str, int] = {}
         self.failed = 0
@@ -105,6 +108,7 @@ class RestWorker:
             requests.cancel()
             await asyncio.gather(pump, requests, return_exceptions=True)
         self.batcher.flush(force=True)
+        await self.delivery.wait_acked(ACK_WAIT_S)
         self.report()
 
     async def _run_job(self, job: Job) -> None:
@@ -179,6 +183,7 @@ class RestWorker:
         while True:
             await asyncio.sleep(0.05)
             self.batcher.flush()
+            self.delivery.poll()
             if time.monotonic() - last >= 1.0:
                 last = time.monotonic()
                 self.report()
@@ -205,11 +210,11 @@ class RestWorker:
             "snapshots_served": self.served,
         })
 
-def main(settings: Settings, name: str, symbols: dict[Market, list[str]], out_queue: Any, status_queue: Any,
+def main(settings: Settings, name: str, symbols: dict[Market, list[str]], link: WriterLink, status_queue: Any,
          stop_event: Any, feature_queue: Any = None, request_queue: Any = None) -> None:
     async def body(ctx: ChildContext) -> None:
-        await RestWorker(ctx, symbols, out_queue, status_queue, feature_queue, request_queue).run()
-        queues = (out_queue, feature_queue) if ctx.orphaned else ()
+        await RestWorker(ctx, symbols, link, status_queue, feature_queue, request_queue).run()
+        queues = (link.queue, feature_queue) if ctx.orphaned else ()
         ctx.release_queues(status_queue, *(q for q in queues if q is not None))
 
     run_child(settings, name, stop_event, body)

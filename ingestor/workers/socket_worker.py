@@ -22,13 +22,15 @@ from ingestor.binance.sequence import Gap
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
 from ingestor.features.feed import MarketFeed
-from ingestor.workers.batching import Batch, Batcher
+from ingestor.workers.batching import Batcher
 from ingestor.workers.child import ChildContext, run_child
+from ingestor.workers.delivery import Delivery, WriterLink
 from ingestor.workers.frames import FrameHandler
 
 log = logging.getLogger(__name__)
 
 FLUSH_PERIOD_S = 0.05
+ACK_WAIT_S = 20.0  # at stop, how long to wait for the writer to acknowledge the last batches
 STATUS_PERIOD_S = 1.0
 # Client pings when idle: a silent socket (a stall, a dead peer) is found within
 # IDLE + REPLY seconds. Binance counts pings against the incoming-message limit, so
@@ -132,12 +134,12 @@ async def _sleep_unless_stopping(ctx: ChildContext, delay: float) -> None:
 
 class SocketWorker:
     def __init__(self, ctx: ChildContext, connections: list[Connection], symbols: dict[Market, list[str]],
-                 out_queue: Any, status_queue: Any, feature_queue: Any = None) -> None:
+                 link: WriterLink, status_queue: Any, feature_queue: Any = None) -> None:
         self.ctx = ctx
         self.settings = s = ctx.settings
-        self.out_queue = out_queue
+        self.delivery = Delivery(ctx.name, link)
         self.status_queue = status_queue
-        self.batcher = Batcher(self._send, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
+        self.batcher = Batcher(self.delivery.send, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
                                producer=ctx.name)
         markets = {c.market for c in connections}
         # The feature worker's copy of what is stored, handed on every flush period.
@@ -152,9 +154,6 @@ class SocketWorker:
         self.totals: Any = None  # metrics.Totals, created on the first report (after import)
         self._last_status: tuple[int, float] | None = None
 
-    def _send(self, batch: Batch) -> None:
-        self.out_queue.put(batch)
-
     def _on_gap(self, market: Market, gap: Gap) -> None:
         log.warning("%s %s %s: gap, ids %d..%d missing", market, gap.symbol, gap.stream, gap.from_id, gap.to_id)
 
@@ -164,6 +163,7 @@ class SocketWorker:
         while not self.ctx.should_stop():
             await asyncio.sleep(FLUSH_PERIOD_S)
             self.batcher.flush()
+            self.delivery.poll()
             for feed in self.feeds.values():
                 feed.flush()
             now = time.monotonic()
@@ -174,6 +174,7 @@ class SocketWorker:
         self.batcher.flush(force=True)
         for feed in self.feeds.values():
             feed.flush()
+        await self.delivery.wait_acked(ACK_WAIT_S)
         self.report()
 
     def report(self) -> None:
@@ -221,12 +222,12 @@ class SocketWorker:
 
 
 def main(settings: Settings, name: str, connections: list[Connection], symbols: dict[Market, list[str]],
-         out_queue: Any, status_queue: Any, stop_event: Any, feature_queue: Any = None) -> None:
+         link: WriterLink, status_queue: Any, stop_event: Any, feature_queue: Any = None) -> None:
     """Process entry point (spawned by the supervisor)."""
 
     async def body(ctx: ChildContext) -> None:
-        await SocketWorker(ctx, connections, symbols, out_queue, status_queue, feature_queue).run()
-        queues = (out_queue, feature_queue) if ctx.orphaned else ()
+        await SocketWorker(ctx, connections, symbols, link, status_queue, feature_queue).run()
+        queues = (link.queue, feature_queue) if ctx.orphaned else ()
         ctx.release_queues(status_queue, *(q for q in queues if q is not None))
 
     run_child(settings, name, stop_event, body)

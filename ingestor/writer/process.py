@@ -1,58 +1,104 @@
-"""Writer process: the only database client on the hot path.
+"""Writer process: the only database client on the hot path, and nothing lost on its watch.
 
-Batches arrive already encoded (COPY tuples). Several connections each take the next
-batches from one queue, join those of the same table, and send them with one binary
-``COPY``; PostgreSQL's jsonb parsing, not this process, limits one connection, hence
-several. A batch is never dropped: a lost connection is re-opened and the same COPY sent
-again; rows the server refuses are isolated by splitting the batch, logged with a
-sample and counted, so one bad row cannot take its neighbours with it.
+Batches arrive already encoded (COPY tuples) on one queue from every producer. A
+dispatcher takes them in order, joins those of one table, and hands each group to one of
+``--writer-connections`` connections (PostgreSQL's jsonb parsing limits one connection,
+hence several). ``copier`` stores a group: COPY, duplicates skipped, refused rows isolated.
+
+Nothing is acknowledged before it is safe: a producer keeps each batch until the writer
+acks it (``Delivery``), and the writer acks a batch once it is committed or written to
+its disk spool. A writer killed with batches in hand leaves them unacknowledged; the
+producers send them again to the next one.
+
+Spooling: when a COPY loses its connection (the database is down), or the database falls
+behind for ``SPOOL_AFTER_S`` with every connection busy and the queue full (it is slow),
+the writer waits for the groups in flight, spools those that failed, and from then on
+appends every new batch to the spool (acking it) in the order taken. While the database
+answers, the spool is replayed from its oldest batch, at the database's pace; once it is
+empty, batches go straight to the database again. The spool survives the process: a
+writer starting with one replays it first. Full spool: batches wait unacknowledged (the
+producers hold them, bounded), and the status says so loudly.
+
+Order: a backfill (trades fetched to fill a gap) is stored only after every batch taken
+before it is committed, so it can see which of its trades came over the WebSocket after
+all; the spool keeps the order, and its replay keeps the same rule.
 
 Shutdown: the supervisor puts ``DRAIN`` on the queue after every producer has exited;
-everything before it is committed, then the process exits.
+everything before it is committed or, if the database is away, spooled; then it exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import queue
 import threading
 import time
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import numpy as np
 
-from ingestor.binance.rows import TABLES
 from ingestor.config import Settings
 from ingestor.workers.batching import Batch
 from ingestor.workers.child import ChildContext, run_child
-from ingestor.writer.copy_binary import copy_file, tuple_offsets
+from ingestor.writer import copier
+from ingestor.writer.spool import Spool
 
 log = logging.getLogger(__name__)
 
 DRAIN = "drain"
 MAX_COPY_BYTES = 8 * 1024 * 1024  # batches of one table joined into one COPY up to this size
+MEMORY_BATCHES = 64  # batches taken from the queue and waiting for a connection
+SPOOL_AFTER_S = 5.0  # that backlog full this long with every connection busy: the database is behind
+PROBE_PERIOD_S = 1.0
+SYNC_PERIOD_S = 1.0
+DRAIN_REPLAY_S = 60.0  # at shutdown, spooled batches replayed for at most this long (the rest waits on disk)
 LAG_SAMPLES = 16  # lag quantiles observed per batch: a per-row histogram without per-row calls
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                      asyncpg.exceptions.OperatorInterventionError, asyncio.TimeoutError)
-_ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                     asyncpg.exceptions.OperatorInterventionError, asyncio.TimeoutError)
+
+
+class _Failed(Exception):
+    """A group's connection broke: the database is away."""
 
 
 class Writer:
-    def __init__(self, ctx: ChildContext, dsn: str, in_queue: Any, status_queue: Any) -> None:
+    def __init__(self, ctx: ChildContext, dsn: str, in_queue: Any, status_queue: Any,
+                 acks: dict[str, Any] | None = None, spool_dir: Path | None = None,
+                 spool_max_bytes: int = 4 * 2**30) -> None:
         self.ctx = ctx
         self.dsn = dsn
         self.in_queue = in_queue
         self.status_queue = status_queue
+        self.acks = acks or {}
+        s = ctx.settings
+        self.spool = Spool(spool_dir or (s.data_dir / "spool"), spool_max_bytes)
         self.rows: dict[str, int] = {}
         self.batches: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
+        self.duplicates: dict[str, int] = {}
         self.last_commit = 0.0
         self.db_ok = False
         self.db_error = ""
-        self._reader_done = threading.Event()
+        self.mode = "direct"  # direct | spool
+        self.spooled_batches = 0
+        self.replayed_batches = 0
+        self.conns: list[asyncpg.Connection | None] = [None] * s.writer_connections
+        self.free: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(s.writer_connections):
+            self.free.put_nowait(i)
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.failed: list[tuple[int, list[Batch]]] = []  # (order taken, group) whose connection broke
+        self.order = 0
+        self.behind = False  # the database fell behind: spool until it catches up
+        self.full_since = 0.0
+
+    # -- the process ----------------------------------------------------------------------
 
     async def run(self) -> None:
         from ingestor import metrics as M
@@ -60,22 +106,29 @@ class Writer:
         self.M = M
         self.totals = M.Totals()
         loop = asyncio.get_running_loop()
-        self.aq: asyncio.Queue[Batch | str] = asyncio.Queue(maxsize=64)
-        reader = threading.Thread(target=self._read, args=(loop,), name="writer-reader", daemon=True)
-        reader.start()
-        copiers = [asyncio.ensure_future(self._copier(i)) for i in range(self.ctx.settings.writer_connections)]
+        self.aq: asyncio.Queue[Batch | str] = asyncio.Queue(maxsize=MEMORY_BATCHES)
+        threading.Thread(target=self._read, args=(loop,), name="writer-reader", daemon=True).start()
         status = asyncio.ensure_future(self._status_loop())
-        await asyncio.gather(*copiers)
-        status.cancel()
-        self.report()
-        log.info("drained: %s", ", ".join(f"{t}={n}" for t, n in sorted(self.rows.items())) or "no rows")
+        if self.spool:
+            log.info("a spool of %.1f MB from before: replaying it first", self.spool.bytes / 2**20)
+            self.mode = "spool"
+        await self._connect_all()
+        try:
+            await self._dispatch()
+        finally:
+            status.cancel()
+            await self._wait_inflight()
+            self.spool.close()
+            for conn in self.conns:
+                if conn is not None:
+                    conn.terminate()
+            self.report()
+        log.info("drained: %s%s", ", ".join(f"{t}={n}" for t, n in sorted(self.rows.items())) or "no rows",
+                 f"; {self.spool.bytes / 2**20:.1f} MB left in the spool" if self.spool else "")
 
     def _read(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Blocking reads from the multiprocessing queue, handed to the loop in order.
-
-        The bounded asyncio queue is the back-pressure: when the database is slow this
-        thread waits, and the producers' batches wait in the pipe behind it.
-        """
+        """Blocking reads from the multiprocessing queue, handed to the loop in order. The
+        bounded asyncio queue behind it is the back-pressure."""
         while True:
             try:
                 item = self.in_queue.get(timeout=0.5)
@@ -88,48 +141,207 @@ class Writer:
             if item == DRAIN:
                 return
 
-    async def _copier(self, index: int) -> None:
-        # Connect before the first batch, so /health reports the database from the start.
-        conn: asyncpg.Connection | None = await self._connect()
-        while True:
-            item = await self.aq.get()
-            if isinstance(item, str):
-                await self.aq.put(item)  # the other copiers need to see it too
-                break
-            batches = [item]
-            size = len(item.data)
-            drain_seen = False
-            while size < MAX_COPY_BYTES and not self.aq.empty():
-                nxt = self.aq.get_nowait()
-                if isinstance(nxt, str):
-                    drain_seen = True
-                    break
-                batches.append(nxt)
-                size += len(nxt.data)
-            by_table: dict[str, list[Batch]] = {}
-            for b in batches:
-                by_table.setdefault(b.table, []).append(b)
-            for table, group in by_table.items():
-                conn = await self._copy(conn, table, group)
-            if drain_seen:
-                await self.aq.put(DRAIN)
-                break
-        if conn is not None:
-            await conn.close()
+    # -- dispatching ----------------------------------------------------------------------
 
-    async def _connect(self) -> asyncpg.Connection:
-        attempt = 0
+    async def _dispatch(self) -> None:
+        last_sync = time.monotonic()
         while True:
+            if time.monotonic() - last_sync >= SYNC_PERIOD_S:
+                last_sync = time.monotonic()
+                self.spool.sync()
+            if self.failed or self.behind:
+                await self._to_spool_mode("the database went away" if self.failed else
+                                          f"the database has been behind for {SPOOL_AFTER_S:g} s")
+            if self.mode == "spool":
+                if not await self._spool_turn():
+                    return
+            elif not await self._direct_turn():
+                return
+
+    async def _direct_turn(self) -> bool:
+        """Take what is waiting and start storing it; False once drained."""
+        first = await self._next_item(0.2)
+        if first is None:
+            self._check_behind()
+            return True
+        if isinstance(first, str):
+            await self._wait_inflight()
+            if self.failed:  # the last groups failed: spool them, then stop
+                await self._to_spool_mode("the database went away while draining")
+                return await self._spool_drain()
+            return False
+        items: list[Batch] = [first]
+        size = first.nbytes
+        drain = False
+        while size < MAX_COPY_BYTES and not self.aq.empty():
+            nxt = self.aq.get_nowait()
+            if isinstance(nxt, str):
+                drain = True
+                break
+            items.append(nxt)
+            size += nxt.nbytes
+        await self._store(items, ack=True)
+        self._check_behind()
+        if drain:
+            self.aq.put_nowait(DRAIN)  # nothing else is left to overtake it: the reader has stopped
+        return True
+
+    async def _next_item(self, timeout: float) -> Batch | str | None:
+        try:
+            return await asyncio.wait_for(self.aq.get(), timeout)
+        except TimeoutError:
+            return None
+
+    def _check_behind(self) -> None:
+        """Every connection busy and the backlog full for SPOOL_AFTER_S: the database is slow."""
+        if self.aq.full() and self.free.empty():
+            if not self.full_since:
+                self.full_since = time.monotonic()
+            elif time.monotonic() - self.full_since >= SPOOL_AFTER_S:
+                self.behind = True
+                self.full_since = 0.0
+        else:
+            self.full_since = 0.0
+
+    async def _store(self, items: list[Batch], ack: bool) -> None:
+        """Start storing ``items`` in order: groups of one table, a backfill alone after a barrier."""
+        for group in _groups(items):
+            if group[0].kind == "backfill":
+                await self._wait_inflight()
+                if self.failed:
+                    self.failed.append((self._next_order(), group))
+                    continue
+            slot = await self.free.get()
+            task = asyncio.ensure_future(self._run_group(slot, self._next_order(), group, ack))
+            self.inflight.add(task)
+            task.add_done_callback(self.inflight.discard)
+            if group[0].kind == "backfill":
+                await self._wait_inflight()
+
+    def _next_order(self) -> int:
+        self.order += 1
+        return self.order
+
+    async def _run_group(self, slot: int, order: int, group: list[Batch], ack: bool) -> None:
+        try:
+            await self._commit(slot, group)
+            if ack:
+                self._ack(group)
+        except _Failed:
+            self.failed.append((order, group))
+        finally:
+            self.free.put_nowait(slot)
+
+    async def _wait_inflight(self) -> None:
+        while self.inflight:
+            await asyncio.gather(*list(self.inflight), return_exceptions=True)
+
+    # -- the spool ------------------------------------------------------------------------
+
+    async def _to_spool_mode(self, why: str) -> None:
+        """Wait for the groups in flight; spool the failed ones (in the order taken)."""
+        await self._wait_inflight()
+        failed = sorted(self.failed, key=lambda x: x[0])
+        self.failed = []
+        self.behind = False
+        if self.mode != "spool":
+            log.warning("spooling batches to %s: %s", self.spool.directory, why)
+            self.mode = "spool"
+        for _, group in failed:
+            for batch in group:
+                await self._spool_append(batch, ack=True)
+
+    async def _spool_append(self, batch: Batch, ack: bool) -> None:
+        while not self.spool.append(batch):
+            # Full: hold it (and, behind it, the queue) until replaying frees room.
+            log.error("spool full (%.0f MB): batches wait unacknowledged; the producers hold them",
+                      self.spool.bytes / 2**20)
+            self.report()
+            await self._replay_some(timeout=PROBE_PERIOD_S)
+        self.spooled_batches += 1
+        if ack:
+            self._ack([batch])
+
+    async def _spool_turn(self) -> bool:
+        """Spool what is waiting, replay the oldest segment if the database answers; False
+        once drained."""
+        while not self.aq.empty():
+            item = self.aq.get_nowait()
+            if isinstance(item, str):
+                return await self._spool_drain()
+            await self._spool_append(item, ack=True)
+        await self._replay_some(timeout=0.2)
+        if not self.spool:
+            log.info("spool replayed: batches go straight to the database again")
+            self.mode = "direct"
+        elif not self.db_ok:
+            waited = await self._next_item(0.2)
+            if isinstance(waited, str):
+                return await self._spool_drain()
+            if waited is not None:
+                await self._spool_append(waited, ack=True)
+        return True
+
+    async def _replay_some(self, timeout: float) -> None:
+        """Commit the oldest spool segment if the database answers."""
+        if not await self._probe():
+            await asyncio.sleep(min(timeout, PROBE_PERIOD_S))
+            return
+        oldest = self.spool.oldest()
+        if oldest is None:
+            return
+        path, batches = oldest
+        await self._store(batches, ack=False)  # acknowledged when they were spooled
+        await self._wait_inflight()
+        if self.failed:  # it went away again: the segment stays, to be replayed whole
+            self.failed = []
+            return
+        self.spool.remove(path)
+        self.replayed_batches += len(batches)
+
+    async def _spool_drain(self) -> bool:
+        """DRAIN while spooling: replay for a while if the database is there, keep the rest."""
+        deadline = time.monotonic() + DRAIN_REPLAY_S
+        while self.spool and time.monotonic() < deadline:
+            await self._replay_some(timeout=1.0)
+            if not self.db_ok:
+                break
+        if self.spool:
+            self.spool.sync()
+            log.warning("stopping with %.1f MB spooled in %s: the next start replays it",
+                        self.spool.bytes / 2**20, self.spool.directory)
+        return False
+
+    async def _probe(self) -> bool:
+        """Whether the database answers (a connection is opened if none is)."""
+        if self.db_ok and any(c is not None for c in self.conns):
+            return True
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=5)
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            self._db_down(exc)
+            return False
+        idle = next((i for i, c in enumerate(self.conns) if c is None), None)
+        if idle is None:
+            await conn.close()
+        else:
+            self.conns[idle] = conn
+        if not self.db_ok:
+            log.info("database connection open")
+        self.db_ok = True
+        return True
+
+    # -- storing --------------------------------------------------------------------------
+
+    async def _connect_all(self) -> None:
+        for i in range(len(self.conns)):
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=10)
-                if not self.db_ok:
-                    log.info("database connection open")
+                self.conns[i] = await asyncpg.connect(self.dsn, timeout=10)
                 self.db_ok = True
-                return conn
-            except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 self._db_down(exc)
-                attempt += 1
-                await asyncio.sleep(min(10.0, 0.2 * 2**attempt))
+                return
+        log.info("database connection open")
 
     def _db_down(self, exc: BaseException) -> None:
         if self.db_ok or not self.db_error:
@@ -137,37 +349,52 @@ class Writer:
         self.db_ok = False
         self.db_error = str(exc) or type(exc).__name__
 
-    async def _copy(self, conn: asyncpg.Connection | None, table: str, group: list[Batch]) -> asyncpg.Connection:
-        data = b"".join(b.data for b in group)
-        n = sum(b.rows for b in group)
-        while True:
-            if conn is None or conn.is_closed():
-                conn = await self._connect()
-            started = time.perf_counter()
+    async def _commit(self, slot: int, group: list[Batch]) -> None:
+        """Store one group on connection ``slot``; raises _Failed if the connection breaks."""
+        M, w = self.M, self.ctx.name
+        table = group[0].table
+        kind = group[0].kind
+        conn = self.conns[slot]
+        if conn is None or conn.is_closed():
             try:
-                await _copy_rows(conn, table, data)
-            except _ROW_ERRORS as exc:
-                n = await self._isolate(conn, table, data, exc)
-            except _CONNECTION_ERRORS as exc:
+                conn = self.conns[slot] = await asyncpg.connect(self.dsn, timeout=10)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 self._db_down(exc)
-                self.M.COPY_ERRORS.labels(self.ctx.name, table, "connection").inc()
-                conn.terminate()  # the socket is already bad: no goodbye to wait for
-                conn = None
-                await asyncio.sleep(0.5)
-                continue
-            except asyncpg.PostgresError as exc:
-                # Not the rows' fault (a missing table, permissions...): keep the batch and retry.
-                log.error("COPY into %s failed: %s; retrying", table, exc)
-                self.M.COPY_ERRORS.labels(self.ctx.name, table, "server").inc()
-                await asyncio.sleep(2.0)
-                continue
-            break
+                raise _Failed from exc
+        started = time.perf_counter()
+        try:
+            while True:
+                try:
+                    if kind == "backfill":
+                        b = group[0]
+                        assert b.backfill is not None
+                        result = await copier.store_backfill(conn, b.data, b.ids, b.backfill)
+                    else:
+                        result = await copier.store(conn, table, b"".join(b.data for b in group),
+                                                    sum(b.rows for b in group), kind)
+                    break
+                except CONNECTION_ERRORS:
+                    raise
+                except asyncpg.PostgresError as exc:
+                    # Not the rows' fault (a missing table, permissions...): keep the group and retry.
+                    log.error("storing into %s failed: %s; retrying", table, exc)
+                    M.COPY_ERRORS.labels(w, table, "server").inc()
+                    await asyncio.sleep(2.0)
+        except CONNECTION_ERRORS as exc:
+            self._db_down(exc)
+            M.COPY_ERRORS.labels(w, table, "connection").inc()
+            conn.terminate()  # the socket is already bad: no goodbye to wait for
+            self.conns[slot] = None
+            raise _Failed from exc
         elapsed = time.perf_counter() - started
         self.db_ok = True
         self.last_commit = time.time()
-        self.rows[table] = self.rows.get(table, 0) + n
+        self.rows[table] = self.rows.get(table, 0) + result.inserted
         self.batches[table] = self.batches.get(table, 0) + 1
-        M, w = self.M, self.ctx.name
+        if result.duplicates:
+            self.duplicates[table] = self.duplicates.get(table, 0) + result.duplicates
+        if result.rejected:
+            self.rejected[table] = self.rejected.get(table, 0) + result.rejected
         M.COPY_SECONDS.labels(w, table).observe(elapsed)
         ev = np.concatenate([np.frombuffer(b.event_ms, dtype=np.int64) for b in group])
         if len(ev):
@@ -176,30 +403,16 @@ class Writer:
             hist = M.LAG_SECONDS.labels(w, table)
             for lag in lags:
                 hist.observe(max(float(lag), 0.0))
-        return conn
 
-    async def _isolate(self, conn: asyncpg.Connection, table: str, data: bytes, exc: BaseException) -> int:
-        """Commit every row the server accepts; log and count the ones it refuses."""
-        offsets = tuple_offsets(data)
-        stored = 0
-        spans = [(0, len(offsets) - 1)]
-        while spans:
-            lo, hi = spans.pop()
-            chunk = data[offsets[lo] : offsets[hi]]
-            try:
-                await _copy_rows(conn, table, chunk)
-                stored += hi - lo
-            except _ROW_ERRORS as err:
-                if hi - lo == 1:
-                    self.rejected[table] = self.rejected.get(table, 0) + 1
-                    self.M.ROWS_REJECTED.labels(self.ctx.name, table).inc()
-                    log.error("%s: row refused by the database (%s): %r", table, err, chunk[:300])
-                else:
-                    mid = (lo + hi) // 2
-                    spans.extend(((mid, hi), (lo, mid)))
-        log.warning("%s: batch refused (%s); stored %d rows, refused %d", table, exc, stored,
-                    len(offsets) - 1 - stored)
-        return stored
+    def _ack(self, batches: Iterable[Batch]) -> None:
+        by: dict[tuple[str, int], list[int]] = {}
+        for b in batches:
+            if b.producer in self.acks and b.seq:
+                by.setdefault((b.producer, b.incarnation), []).append(b.seq)
+        for (producer, incarnation), seqs in by.items():
+            self.acks[producer].put((incarnation, tuple(seqs)))
+
+    # -- status ---------------------------------------------------------------------------
 
     async def _status_loop(self) -> None:
         while True:
@@ -212,6 +425,14 @@ class Writer:
             self.totals.set(M.ROWS_WRITTEN.labels(w, table), n)
         for table, n in self.batches.items():
             self.totals.set(M.COPY_BATCHES.labels(w, table), n)
+        for table, n in self.duplicates.items():
+            self.totals.set(M.ROWS_DUPLICATE.labels(w, table), n)
+        for table, n in self.rejected.items():
+            self.totals.set(M.ROWS_REJECTED.labels(w, table), n)
+        self.totals.set(M.SPOOLED_BATCHES.labels(w), self.spooled_batches)
+        self.totals.set(M.REPLAYED_BATCHES.labels(w), self.replayed_batches)
+        M.SPOOL_BYTES.labels(w).set(self.spool.bytes)
+        M.SPOOL_FULL.labels(w).set(1 if self.spool.full else 0)
         try:
             depth = self.in_queue.qsize()
         except NotImplementedError:  # macOS
@@ -219,20 +440,42 @@ class Writer:
         M.QUEUE_DEPTH.labels(w, "writer_in").set(depth + self.aq.qsize())
         self.status_queue.put({
             "worker": w, "kind": "writer", "time": time.time(), "rows": dict(self.rows),
-            "rejected_rows": dict(self.rejected), "db_ok": self.db_ok, "db_error": self.db_error,
+            "rejected_rows": dict(self.rejected), "duplicate_rows": dict(self.duplicates),
+            "db_ok": self.db_ok, "db_error": self.db_error, "mode": self.mode,
+            "spool_bytes": self.spool.bytes, "spool_full": self.spool.full,
+            "spooled_batches": self.spooled_batches, "replayed_batches": self.replayed_batches,
             "last_commit": self.last_commit or None, "queue_depth": depth + self.aq.qsize(),
         })
 
 
-async def _copy_rows(conn: asyncpg.Connection, table: str, rows: bytes) -> None:
-    # asyncpg takes a bytes source for a file name; a memoryview is read as the data.
-    await conn.copy_to_table(table, source=memoryview(copy_file(rows)), columns=TABLES[table], format="binary")
+def _groups(items: list[Batch]) -> list[list[Batch]]:
+    """Consecutive batches of one table and kind joined (up to MAX_COPY_BYTES); a backfill alone."""
+    out: list[list[Batch]] = []
+    size = 0
+    for b in items:
+        last = out[-1] if out else None
+        if (last is not None and b.kind != "backfill" and last[0].kind == b.kind and last[0].table == b.table
+                and size + b.nbytes <= MAX_COPY_BYTES):
+            last.append(b)
+            size += b.nbytes
+        else:
+            out.append([b])
+            size = b.nbytes
+    return out
 
 
-def main(settings: Settings, name: str, dsn: str, in_queue: Any, status_queue: Any) -> None:
+def spool_dir(data_dir: Path, dsn: str) -> Path:
+    """One spool per database: batches spooled for one DSN are never replayed into another
+    (the name is a hash, so the DSN's password appears nowhere on disk)."""
+    return data_dir / "spool" / hashlib.sha256(dsn.encode()).hexdigest()[:16]
+
+
+def main(settings: Settings, name: str, dsn: str, in_queue: Any, status_queue: Any,
+         acks: dict[str, Any] | None = None) -> None:
     async def body(ctx: ChildContext) -> None:
-        await Writer(ctx, dsn, in_queue, status_queue).run()
-        ctx.release_queues(status_queue)
+        await Writer(ctx, dsn, in_queue, status_queue, acks, spool_dir(settings.data_dir, dsn),
+                     settings.spool_max_mb * 2**20).run()
+        ctx.release_queues(status_queue, *(acks or {}).values())
 
     # The writer takes no stop event: it stops on DRAIN, after the producers.
     run_child(settings, name, None, body)
