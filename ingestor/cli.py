@@ -111,12 +111,18 @@ def migrate(ctx: click.Context, **flags: Any) -> None:
 
 @main.command()
 @settings_options
-@click.option("--duration", default=20.0, show_default=True, type=click.FloatRange(1), help="seconds to record")
+@click.option("--duration", default=None, type=click.FloatRange(1),
+              help="seconds to record  [default: 20; 60 with --chaos]")
+@click.option("--chaos", is_flag=True, help="inject a seeded mix of every fault (drops, stalls, gaps, bad frames, "
+              "429/5xx/slow REST, killed workers, a database outage on the embedded server, rotation) and "
+              "report what was lost and duplicated")
+@click.option("--seed", default=1, show_default=True, help="the chaos plan's seed")
 @click.option("--n-symbols", default=3, show_default=True, type=click.IntRange(1, 200),
               help="symbols per market in the simulator")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object at the end, no progress lines")
 @click.pass_context
-def demo(ctx: click.Context, duration: float, n_symbols: int, as_json: bool, **flags: Any) -> None:
+def demo(ctx: click.Context, duration: float | None, chaos: bool, seed: int, n_symbols: int, as_json: bool,
+         **flags: Any) -> None:
     """Run the simulator and the pipeline together, then compare stored rows with what was sent."""
     from dataclasses import replace
 
@@ -137,7 +143,8 @@ def demo(ctx: click.Context, duration: float, n_symbols: int, as_json: bool, **f
             click.echo(line, err=True)
 
     try:
-        result = uvloop.run(run_demo(settings, duration, n_symbols, progress))
+        result = uvloop.run(run_demo(settings, duration or (60.0 if chaos else 20.0), n_symbols, progress,
+                                     seed if chaos else None))
     except StartupError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
@@ -228,6 +235,28 @@ def features_show(ctx: click.Context, symbol: str, market: str, last: int, bar_s
     click.echo(_with_database(settings, lambda dsn: show(dsn, market, symbol.upper(), last, bar_seconds, as_json)))
 
 
+@main.command()
+@settings_options
+@click.option("--since", "since", default="-24h", show_default=True, type=TimeParam(),
+              help="gaps detected from: 2026-11-27T10:00 (UTC), Unix s or ms, -2h")
+@click.option("--open", "only_open", is_flag=True, help="only gaps not closed yet")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1), help="newest gaps shown")
+@click.option("--json", "as_json", is_flag=True, help="the rows as a JSON list")
+@click.pass_context
+def gaps(ctx: click.Context, since: int, only_open: bool, limit: int, as_json: bool, **flags: Any) -> None:
+    """List the holes in the recorded streams and how each was closed (backfilled, resynced,
+    unrecoverable, or still open). --markets and --symbols narrow it."""
+    from ingestor.gaps import list_gaps, render
+
+    settings = _quiet_settings(ctx, flags)
+
+    async def job(dsn: str) -> str:
+        recs = await list_gaps(dsn, since, settings.market_list, settings.symbols, only_open, limit)
+        return render(recs, as_json, since)
+
+    click.echo(_with_database(settings, job))
+
+
 @features.command("replay")
 @settings_options
 @click.option("--from", "start", required=True, type=TimeParam(),
@@ -238,9 +267,11 @@ def features_show(ctx: click.Context, symbol: str, market: str, last: int, bar_s
               help="bar size in seconds: 1, 5, 15, 60 or 300  [default: the configured bar_seconds]")
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="write a .parquet or .csv file instead of replacing the rows in the features table")
+@click.option("--warmup-bars", default=0, show_default=True, type=click.IntRange(0, 100_000),
+              help="bars computed before --from but not written, so the rolling windows start full")
 @click.pass_context
 def features_replay(ctx: click.Context, start: int, end: int, bar_seconds: int | None, out: Path | None,
-                    **flags: Any) -> None:
+                    warmup_bars: int, **flags: Any) -> None:
     """Recompute the features from stored trades, book snapshots and diffs, and liquidations,
     with the live worker's code: the same input gives the same rows.
 
@@ -260,7 +291,7 @@ def features_replay(ctx: click.Context, start: int, end: int, bar_seconds: int |
             fs = replace(fs, bar_seconds=bar_seconds)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--bar") from None
-    rng = ReplayRange(start, end, settings.market_list, settings.symbols)
+    rng = ReplayRange(start, end, settings.market_list, settings.symbols, warmup_bars * fs.bar_seconds * 1000)
     click.echo(_with_database(settings, lambda dsn: run_replay(
         dsn, fs, rng, out, settings.snapshot_limit, lambda line: click.echo(line, err=True))))
 

@@ -75,6 +75,9 @@ class Settings:
     http_port: int = field(default=9108, metadata=_opt("port of /health and /metrics (0: any free port)"))
     max_frame_bytes: int = field(default=4 * 1024 * 1024, metadata=_opt(
         "a frame larger than this closes and reopens its connection"))
+    # Binance closes a connection after 24 h; rotating half an hour before leaves room.
+    connection_max_age_s: float = field(default=23.5 * 3600, metadata=_opt(
+        "seconds before a WebSocket connection is replaced, make-before-break (Binance closes them at 24 h)"))
     compress_after_days: int = field(default=0, metadata=_opt(
         "TimescaleDB: compress chunks older than this many days (0: off; needs the Timescale licence)"))
     retention_days: int = field(default=0, metadata=_opt(
@@ -234,7 +237,7 @@ def validate(s: Settings) -> None:
                  "spool_max_mb"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be at least 1 (got {getattr(s, name)})")
-    for name in ("snapshot_interval_s", "open_interest_interval_s"):
+    for name in ("snapshot_interval_s", "open_interest_interval_s", "connection_max_age_s"):
         if not (math.isfinite(getattr(s, name)) and getattr(s, name) >= 0):
             raise ConfigError(f"{name} must be a number of seconds >= 0 (got {getattr(s, name)})")
     for name in ("compress_after_days", "retention_days"):  # a negative retention would drop everything

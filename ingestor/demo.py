@@ -21,8 +21,12 @@ from typing import Any
 import asyncpg
 import orjson
 
+from ingestor.binance.streams import DEFAULT_LIMITS
 from ingestor.config import Settings, mask_dsn
+from ingestor.db.embedded import EmbeddedPostgres
 from ingestor.features.verify import verify_live_rows
+from ingestor.sim.audit import audit
+from ingestor.sim.chaos import Chaos
 from ingestor.sim.server import SimConfig, Simulator
 from ingestor.supervisor import Supervisor, open_database
 
@@ -32,6 +36,7 @@ WS_TABLES = {"agg_trades": "event_time", "depth_updates": "event_time", "mark_pr
              "force_orders": "event_time"}
 REST_TABLES = {"depth_snapshots": "time", "open_interest": "time"}
 CATCH_UP_S = 30.0
+CHAOS_LIFETIME_S = 20.0
 
 
 def sent_rows(sim: Simulator) -> dict[str, int]:
@@ -71,23 +76,31 @@ async def stored_rows(dsn: str, since_ms: int) -> tuple[dict[str, int], int]:
 
 
 async def run_demo(settings: Settings, duration_s: float, n_symbols: int,
-                   progress: Callable[[str], None]) -> dict[str, Any]:
+                   progress: Callable[[str], None], chaos_seed: int | None = None) -> dict[str, Any]:
     # The demo owns the embedded server (when there is no DSN) so the tally can be read
     # after the pipeline has stopped: only then are the REST counts final.
     if settings.features and not any(p.startswith("bar_seconds=") for p in settings.feature_params):
         settings = replace(settings, feature_params=("bar_seconds=1", *settings.feature_params))
+    config = SimConfig(n_symbols=n_symbols, record=True)
+    if chaos_seed is not None:
+        # Connections live 20 s on the simulator and are rotated at 15 s: rotation is part of
+        # the mix. Two shards, so that killing one leaves the other recording.
+        config = replace(config, limits={m: replace(lim, max_lifetime_s=CHAOS_LIFETIME_S)
+                                         for m, lim in DEFAULT_LIMITS.items()})
+        settings = replace(settings, connection_max_age_s=CHAOS_LIFETIME_S - 5, shards=max(2, settings.shards))
     dsn, embedded = await open_database(settings)
     try:
-        async with Simulator(SimConfig(n_symbols=n_symbols, record=True)) as sim:
+        async with Simulator(config) as sim:
             return await _run(sim, replace(settings, dsn=dsn), duration_s, progress,
-                              "embedded" if embedded is not None else mask_dsn(dsn))
+                              "embedded" if embedded is not None else mask_dsn(dsn), chaos_seed, embedded)
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
 
 
 async def _run(sim: Simulator, settings: Settings, duration_s: float, progress: Callable[[str], None],
-               shown_dsn: str) -> dict[str, Any]:
+               shown_dsn: str, chaos_seed: int | None = None,
+               embedded: EmbeddedPostgres | None = None) -> dict[str, Any]:
     u = sim.urls
     settings = replace(settings, spot_ws_url=u["spot_ws"], futures_ws_url=u["futures_ws"],
                        spot_rest_url=u["spot_rest"], futures_rest_url=u["futures_rest"],
@@ -102,15 +115,22 @@ async def _run(sim: Simulator, settings: Settings, duration_s: float, progress: 
                                        return_when=asyncio.FIRST_COMPLETED)
     if task in done_or_ready[0]:
         task.result()  # raises the start-up error
+    chaos = chaos_task = None
+    if chaos_seed is not None:
+        chaos = _chaos(sim, sup, chaos_seed, embedded)
+        chaos_task = asyncio.ensure_future(chaos.run(duration_s))
     try:
         t0 = time.monotonic()
-        while (elapsed := time.monotonic() - t0) < duration_s:
+        while (elapsed := time.monotonic() - t0) < duration_s or (chaos_task and not chaos_task.done()):
             await asyncio.sleep(1.0)
             _, health = sup.health()
             msgs = sum(w.get("messages", 0) for w in health["workers"].values())
             rows = sum(health["workers"].get("writer", {}).get("rows", {}).values())
             progress(f"{elapsed:5.1f}/{duration_s:.0f} s  {msgs:>9,} messages  {rows:>9,} rows stored  "
                      f"{health['status']}")
+        if chaos_task is not None:
+            await chaos_task  # a database outage in progress ends first
+            await _settle(sup)
         await sim.pause()
         ran_s = time.monotonic() - t0
         # Frames already sent may still be crossing loopback: wait for them before the
@@ -118,10 +138,16 @@ async def _run(sim: Simulator, settings: Settings, duration_s: float, progress: 
         ws_sent = sent_rows(sim)
         deadline = time.monotonic() + CATCH_UP_S
         while time.monotonic() < deadline:
-            stored, _ = await stored_rows(settings.dsn, started_ms)
-            if all(stored[t] >= ws_sent[t] for t in WS_TABLES):
-                break
-            await asyncio.sleep(0.25)
+            if chaos is None:
+                stored, _ = await stored_rows(settings.dsn, started_ms)
+                if all(stored[t] >= ws_sent[t] for t in WS_TABLES):
+                    break
+            else:  # some messages are gone on purpose: wait for the backfills and the gap rows
+                found = await audit(sim, settings.dsn, started_ms)
+                if found.total("agg_trades").lost == 0 and all(t.uncovered == 0 for t in (
+                        found.total(x) for x in found.tables)):
+                    break
+            await asyncio.sleep(0.25 if chaos is None else 1.0)
         _, health = sup.health()
     finally:
         sup.request_stop()
@@ -132,9 +158,15 @@ async def _run(sim: Simulator, settings: Settings, duration_s: float, progress: 
                  for w in health["workers"].values())
     total = sum(stored[t] for t in WS_TABLES)
     features = None
-    if settings.features:
+    if settings.features and chaos is None:
         progress("recomputing the features from the stored data ...")
         features = await _check_features(settings, started_ms, health["workers"].get("features", {}))
+    chaos_result = None
+    if chaos is not None:
+        found = await audit(sim, settings.dsn, started_ms)
+        chaos_result = {"seed": chaos_seed, "faults": chaos.counts(), "injected": chaos.injected,
+                        "tables": {t: vars(found.total(t)) for t in found.tables}, "gaps": found.gaps,
+                        "rotations": sum(w.get("rotations", 0) for w in health["workers"].values())}
     return {
         "dsn": shown_dsn,
         "duration_s": round(ran_s, 1),
@@ -142,7 +174,40 @@ async def _run(sim: Simulator, settings: Settings, duration_s: float, progress: 
         "gaps": gaps, "errors": errors,
         "msgs_per_s": round(total / max(ran_s, 1e-9), 1),
         "features": features,
+        "chaos": chaos_result,
     }
+
+
+def _chaos(sim: Simulator, sup: Supervisor, seed: int, embedded: EmbeddedPostgres | None) -> Chaos:
+    def pid(prefix: str) -> int | None:
+        live = [c for c in sup.children if c.name.startswith(prefix) and c.process is not None
+                and c.process.exitcode is None]
+        return live[0].process.pid if live else None
+
+    db_stop = db_start = None
+    if embedded is not None:  # a server of the user's own is not ours to stop
+        server = embedded
+
+        async def db_stop() -> None:
+            await asyncio.to_thread(server.stop)
+
+        async def db_start() -> None:
+            await asyncio.to_thread(server.start)
+
+    return Chaos(sim, pid, seed, db_stop=db_stop, db_start=db_start)
+
+
+async def _settle(sup: Supervisor, timeout_s: float = 60.0) -> None:
+    """After the last fault: until every worker runs and the writer is back on the database
+    (its spool replayed), so that the tally counts what recovery brings back."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _, health = sup.health()
+        writer = health["workers"].get("writer", {})
+        if all(w["alive"] for w in health["workers"].values()) and writer.get("mode") == "direct" \
+                and health["database"]["reachable"]:
+            return
+        await asyncio.sleep(0.5)
 
 
 async def _check_features(settings: Settings, since_ms: int, status: dict[str, Any]) -> dict[str, Any]:
@@ -175,6 +240,20 @@ def print_table(result: dict[str, Any]) -> None:
         mark = "" if c["stored"] == c["sent"] else "   <- differs"
         out.write(f"{table:<16}{c['sent']:>10,}{c['stored']:>10,}{mark}\n")
     out.write(f"\ngaps: {result['gaps']}   errors: {result['errors']}\n")
+    c = result.get("chaos")
+    if c:
+        out.write(f"\nchaos (seed {c['seed']}): {sum(c['faults'].values())} faults injected: "
+                  + ", ".join(f"{k} {n}" for k, n in sorted(c["faults"].items()))
+                  + f"; {c['rotations']} connection rotations\n")
+        out.write(f"{'table':<16}{'sent':>10}{'stored':>10}{'lost':>8}{'dup':>6}{'unrecorded':>12}{'extra':>8}\n")
+        for table, t in c["tables"].items():
+            out.write(f"{table:<16}{t['sent']:>10,}{t['stored']:>10,}{t['lost']:>8,}{t['duplicated']:>6,}"
+                      f"{t['uncovered']:>12,}{t['extra']:>8,}\n")
+        out.write("lost: sent, not stored (trades must be 0: backfilled over REST; other messages lost in a "
+                  "dropped connection are recorded as gaps, 'unrecorded' must be 0); extra: trades the "
+                  "simulator skipped on purpose, fetched over REST\n")
+        out.write("gaps by how they were closed: " + (", ".join(f"{k} {n}" for k, n in sorted(c["gaps"].items()))
+                                                     or "none") + "\n")
     f = result.get("features")
     if f:
         verdict = "identical" if f["replay_identical"] else (

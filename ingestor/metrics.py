@@ -20,6 +20,11 @@ STALE = Counter("ingestor_stale_events", "Events at or behind the last id seen, 
                 ["worker", "market"])
 GAPS = Counter("ingestor_gaps_detected", "Sequence gaps detected", ["worker", "market", "stream"])
 RECONNECTS = Counter("ingestor_reconnects", "WebSocket reconnects", ["worker", "market"])
+CONNECT_FAILURES = Counter("ingestor_connect_failures",
+                           "WebSocket connects that failed (DNS, TCP, TLS, a bad handshake); retried with backoff",
+                           ["worker", "market"])
+ROTATIONS = Counter("ingestor_connection_rotations", "Connections replaced make-before-break before their lifetime",
+                    ["worker", "market"])
 CONNECTED = Gauge("ingestor_connected_streams", "Streams on open connections", ["worker", "market"],
                   multiprocess_mode="livesum")
 ROWS_SENT = Counter("ingestor_rows_sent", "Rows handed to the writer", ["worker", "table"])

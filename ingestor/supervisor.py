@@ -62,6 +62,7 @@ class Child:
     target: Callable[..., None]
     args: tuple[Any, ...]
     reads: tuple[Any, ...] = ()  # queues it is the only reader of
+    positions: dict[str, Any] = field(default_factory=dict)  # a socket worker's last sequence positions
     process: Any = None
     restarts: int = 0
     started_at: float = 0.0
@@ -170,9 +171,10 @@ class Supervisor:
             def link(name: str) -> WriterLink:
                 return WriterLink(self.queue, self.ack_queues[name], self.writer_epoch)
 
-            # The feature worker's input (feeds and snapshots) and its snapshot requests.
+            # The feature worker's input (feeds and snapshots), and the REST worker's requests
+            # (snapshots for the feature worker's books, backfills for the socket workers' gaps).
             self.feature_queue = self.ctx.Queue() if s.features else None
-            self.request_queue = self.ctx.Queue() if s.features else None
+            self.request_queue = self.ctx.Queue()
             self.children.append(Child("writer", "writer", writer_process.main,
                                        (s, "writer", self.dsn, self.queue, self.status_queue, self.ack_queues),
                                        (self.queue,)))
@@ -180,18 +182,18 @@ class Supervisor:
                 ticks = {k: float(v) for k, v in self.universe.tick_sizes.items()}
                 self.children.append(Child("features", "features", feature_worker.main,
                                            (s, "features", ticks, self.feature_queue, link("features"),
-                                            self.request_queue, self.status_queue),
+                                            self.request_queue, self.status_queue, self.dsn),
                                            (self.feature_queue, self.ack_queues["features"])))
             for i, conns in enumerate(self.shards):
                 name = f"socket-{i}"
                 self.children.append(Child(name, "socket", socket_worker.main,
                                            (s, name, conns, symbols, link(name), self.status_queue,
-                                            self.stop_event, self.feature_queue), (self.ack_queues[name],)))
+                                            self.stop_event, self.feature_queue, self.request_queue),
+                                           (self.ack_queues[name],)))
             self.children.append(Child("rest", "rest", rest_worker.main,
                                        (s, "rest", symbols, link("rest"), self.status_queue, self.stop_event,
-                                        self.feature_queue, self.request_queue),
-                                       (self.ack_queues["rest"],
-                                        *((self.request_queue,) if self.request_queue is not None else ()))))
+                                        self.feature_queue, self.request_queue, self.dsn),
+                                       (self.ack_queues["rest"], self.request_queue)))
             for child in self.children:
                 self._start(child)
             threading.Thread(target=self._read_status, name="status-reader", daemon=True).start()
@@ -260,6 +262,12 @@ class Supervisor:
                     child.backoff_s = min(RESTART_BACKOFF_MAX_S, child.backoff_s * 2)
                 elif proc is None and now >= child.next_start:
                     child.restarts += 1
+                    if child.kind == "features":
+                        child.args = (*child.args[:8], True)  # it fills the bars its predecessor missed
+                    if child.kind == "socket" and child.positions:
+                        # The new worker carries on from the sequences its predecessor last
+                        # reported, so it sees (and has backfilled) what the death lost.
+                        child.args = (*child.args[:9], child.positions)
                     self._start(child)
                 elif proc is not None and now - child.started_at > RESTART_RESET_AFTER_S:
                     child.backoff_s = 0.5
@@ -292,6 +300,9 @@ class Supervisor:
                 return
             child = by_name.get(st.get("worker", ""))
             if child is not None:
+                positions = st.pop("positions", None)
+                if positions is not None:
+                    child.positions = positions
                 child.status = st
 
     # -- stop -----------------------------------------------------------------------

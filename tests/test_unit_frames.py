@@ -184,15 +184,16 @@ def test_spot_depth_rows_and_gap() -> None:
     assert [r[3:5] for r in sink.rows("depth_updates")] == [[i8(157), i8(160)], [i8(161), i8(165)],
                                                             [i8(170), i8(172)]]
     [gap_row] = sink.rows("stream_gaps")
-    # market, symbol, stream, from_id, to_id, from_time, to_time, detected_at, closed_how
+    # market, symbol, stream, from_id, to_id, from_time, to_time, detected_at, closed_how, closed_rows, closed_at
     assert gap_row[:7] == [b"spot", b"BTCUSDT", b"depth", i8(166), i8(169), ts(1100), ts(1300)]
-    assert gap_row[8] == b"open"
+    # Diffs cannot be fetched afterwards: the gap is closed as unrecoverable when it is found.
+    assert gap_row[8] == b"unrecoverable" and gap_row[9] is None and gap_row[10] == gap_row[7]
     assert [(g.from_id, g.to_id) for g in h.gaps] == [(166, 169)]
 
 
 def test_futures_depth_pu_gap_and_callback() -> None:
     seen: list[tuple[str, object]] = []
-    h, sink = handler("futures", on_gap=lambda m, g: seen.append((m, g)))
+    h, sink = handler("futures", on_gap=lambda m, g, detected_ms: seen.append((m, g)))
     h.on_payload(enc.depth_update_futures(1000, 999, "ETHUSDT", 100, 160, 90, [], []))
     h.on_payload(enc.depth_update_futures(1250, 1249, "ETHUSDT", 161, 170, 160, [], []))
     h.on_payload(enc.depth_update_futures(1750, 1749, "ETHUSDT", 190, 200, 180, [], []))
@@ -212,6 +213,7 @@ def test_trade_gap_row_and_stale_trades() -> None:
     assert h.stale == 2
     [gap_row] = sink.rows("stream_gaps")
     assert gap_row[:7] == [b"spot", b"BTCUSDT", b"aggTrade", i8(102), i8(104), ts(5001), ts(5900)]
+    assert gap_row[8] == b"open" and gap_row[10] is None  # open until the backfill closes it
     assert h.messages == {"aggTrade": 5}
 
 
@@ -446,3 +448,62 @@ def test_a_shared_batcher_is_used_as_given() -> None:
     futures.on_payload(enc.agg_trade_futures(2, "BTCUSDT", 1, "1.0", "1", 1, 1, 2, False))
     [batch] = out
     assert [r[0] for r in tuples(batch)] == [b"spot", b"futures"]
+
+
+# -- streams without ids: duplicates by event time, gaps by time -----------------------
+
+def liquidation(E: int, s: str = "BTCUSDT") -> bytes:  # noqa: N803
+    return enc.force_order(E, s, "SELL", "0.014", "9910", "9910", E - 2)
+
+
+def test_mark_prices_and_liquidations_seen_twice_are_stored_once() -> None:
+    # A rotated connection's overlap delivers the same arrays and events on both connections.
+    h, sink = handler("futures")
+    for _ in range(2):
+        h.on_frame(enc.envelope("!markPrice@arr@1s", enc.mark_price_array([mark(10, "BTCUSDT"), mark(10, "XRPUSDT")])))
+        h.on_frame(enc.envelope("!forceOrder@arr", liquidation(20)))
+    h.on_frame(enc.envelope("!markPrice@arr@1s", enc.mark_price_array([mark(11, "BTCUSDT")])))
+    h.flush(force=True)
+    assert [(r[1], r[2]) for r in sink.rows("mark_prices")] == [(ts(10), b"BTCUSDT"), (ts(10), b"XRPUSDT"),
+                                                               (ts(11), b"BTCUSDT")]
+    assert len(sink.rows("force_orders")) == 1
+    assert h.stale == 3
+
+
+def test_a_lost_connection_leaves_a_time_gap_for_streams_without_ids() -> None:
+    h, sink = handler("futures")
+    h.on_frame(enc.envelope("!markPrice@arr@1s", enc.mark_price_array([mark(1000, "BTCUSDT")])))
+    h.on_frame(enc.envelope("!forceOrder@arr", liquidation(1500)))
+    h.connection_lost({"markPrice", "forceOrder"})
+    h.connection_lost({"markPrice"})  # again before anything came: still the one gap
+    h.on_frame(enc.envelope("!markPrice@arr@1s", enc.mark_price_array([mark(4000, "BTCUSDT")])))
+    h.flush(force=True)
+    [gap] = sink.rows("stream_gaps")
+    # market, symbol, stream, from_id, to_id, from_time, to_time, detected_at, closed_how, closed_rows, closed_at
+    assert gap[:7] == [b"futures", b"*", b"markPrice", None, None, ts(1000), ts(4000)]
+    assert gap[8] == b"unrecoverable"
+    # The liquidation stream's gap stays open until it flows again, or the worker stops.
+    h.close_time_gaps()
+    h.flush(force=True)
+    gaps = sink.rows("stream_gaps")
+    assert [g[2] for g in gaps] == [b"markPrice", b"forceOrder"] and gaps[1][5] == ts(1500)
+
+
+def test_a_successor_carries_on_from_the_positions_of_a_dead_worker() -> None:
+    dead, _ = handler("futures")
+    for a in (100, 101, 102):
+        dead.on_payload(spot_trade(a, E=5000 + a, s="ETHUSDT"))
+    dead.on_frame(enc.envelope("!markPrice@arr@1s", enc.mark_price_array([mark(6000, "ETHUSDT")])))
+    positions = dead.seq.positions()
+    seen: list[tuple[int, int, int]] = []
+    h, sink = handler("futures", on_gap=lambda m, g, d: seen.append((g.from_id, g.to_id, d)))
+    h.seed(positions, {"markPrice"})
+    h.on_payload(spot_trade(102, E=5102, s="ETHUSDT"))  # delivered to both: not stored twice
+    h.on_payload(spot_trade(106, E=5106, s="ETHUSDT"))  # 103-105 died with the predecessor
+    h.on_frame(enc.envelope("!markPrice@arr@1s", enc.mark_price_array([mark(6000, "ETHUSDT"), mark(9000, "ETHUSDT")])))
+    h.flush(force=True)
+    assert [r[3] for r in sink.rows("agg_trades")] == [i8(106)]
+    assert [(a, b) for a, b, _ in seen] == [(103, 105)]
+    assert [(r[2], r[5], r[6]) for r in sink.rows("stream_gaps")] == [(b"aggTrade", ts(5102), ts(5106)),
+                                                                      (b"markPrice", ts(6000), ts(9000))]
+    assert [r[1] for r in sink.rows("mark_prices")] == [ts(9000)]

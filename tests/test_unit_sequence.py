@@ -16,7 +16,7 @@ def test_consecutive_trades() -> None:
     t = SequenceTracker()
     for i, a in enumerate(range(10, 20)):
         assert t.trade("BTCUSDT", a, 1_000 + i) == (True, None)
-    assert t.last["tBTCUSDT"] == (19, 1_009)
+    assert t.positions()["t"]["BTCUSDT"] == (19, 1_009)
 
 
 def test_trade_gap_range() -> None:
@@ -41,7 +41,7 @@ def test_stale_trades_are_not_kept() -> None:
     t.trade("BTCUSDT", 101, 5_001)
     assert t.trade("BTCUSDT", 101, 5_001) == (False, None)  # repeat
     assert t.trade("BTCUSDT", 50, 4_000) == (False, None)  # replay after a reconnect
-    assert t.last["tBTCUSDT"] == (101, 5_001)  # unchanged
+    assert t.positions()["t"]["BTCUSDT"] == (101, 5_001)  # unchanged
     assert t.trade("BTCUSDT", 102, 5_002) == (True, None)  # no gap invented by the stale ones
 
 
@@ -59,7 +59,7 @@ def test_spot_depth_chain() -> None:
     assert t.depth("BTCUSDT", 157, 160, None, 1_000) == (True, None)
     assert t.depth("BTCUSDT", 161, 161, None, 1_100) == (True, None)
     assert t.depth("BTCUSDT", 162, 170, None, 1_200) == (True, None)
-    assert t.last["dBTCUSDT"] == (170, 1_200)
+    assert t.positions()["d"]["BTCUSDT"] == (170, 1_200)
 
 
 def test_spot_depth_overlap_is_allowed() -> None:
@@ -67,7 +67,7 @@ def test_spot_depth_overlap_is_allowed() -> None:
     t = SequenceTracker()
     t.depth("BTCUSDT", 100, 160, None, 1_000)
     assert t.depth("BTCUSDT", 150, 175, None, 1_100) == (True, None)
-    assert t.last["dBTCUSDT"] == (175, 1_100)
+    assert t.positions()["d"]["BTCUSDT"] == (175, 1_100)
 
 
 def test_spot_depth_gap_range() -> None:
@@ -84,7 +84,7 @@ def test_spot_depth_stale() -> None:
     t.depth("BTCUSDT", 157, 160, None, 1_000)
     assert t.depth("BTCUSDT", 157, 160, None, 1_000) == (False, None)  # the same event again
     assert t.depth("BTCUSDT", 150, 155, None, 900) == (False, None)  # older
-    assert t.last["dBTCUSDT"] == (160, 1_000)
+    assert t.positions()["d"]["BTCUSDT"] == (160, 1_000)
     assert t.depth("BTCUSDT", 161, 162, None, 1_100) == (True, None)
 
 

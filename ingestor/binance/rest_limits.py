@@ -11,6 +11,7 @@ PREFIX: dict[Market, str] = {"spot": "/api/v3", "futures": "/fapi/v1"}
 FUTURES_DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
 DEPTH_DEFAULT_LIMIT: dict[Market, int] = {"spot": 100, "futures": 500}
 OPEN_INTEREST_WEIGHT = 1
+AGG_TRADES_WEIGHT: dict[Market, int] = {"spot": 4, "futures": 20}
 EXCHANGE_INFO_WEIGHT: dict[Market, int] = {"spot": 20, "futures": 1}
 TICKER_ALL_WEIGHT: dict[Market, int] = {"spot": 80, "futures": 40}
 

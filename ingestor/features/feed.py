@@ -7,7 +7,8 @@
 - :class:`Snapshot`: every REST depth snapshot the REST worker fetched (periodic or asked
   for), with the time it is stored under.
 - :class:`SnapshotRequest`: the feature worker asking the REST worker for a snapshot to
-  (re)build a book.
+  (re)build a book; :class:`TradeGapRequest`: a socket worker asking it to fetch the
+  trades a lost connection missed.
 - ``DRAIN``: the supervisor's last item on the feature queue at shutdown, after every
   producer has stopped.
 """
@@ -43,6 +44,20 @@ class Snapshot:
 class SnapshotRequest:
     market: Market
     symbol: str
+
+
+@dataclass(frozen=True, slots=True)
+class TradeGapRequest:
+    """A socket worker asking the REST worker to fetch the trades ``from_id..to_id`` it never
+    got; the rest is the key of the gap's stream_gaps row, which the backfill closes."""
+
+    market: Market
+    symbol: str
+    from_id: int
+    to_id: int
+    from_ms: int
+    to_ms: int
+    detected_ms: int
 
 
 class MarketFeed:

@@ -53,6 +53,9 @@ class ReplayRange:
     to_ms: int
     markets: tuple[Market, ...] = MARKETS
     symbols: tuple[str, ...] = ()  # empty: every symbol with exchange info stored
+    # Computed but not written before ``from_ms``: the rolling windows (and the book) are
+    # filled by then, as the live worker's were.
+    warmup_ms: int = 0
 
 
 @dataclass
@@ -211,7 +214,8 @@ async def replay(
     if end <= start:
         raise ReplayError(f"the range holds no whole {settings.bar_seconds} s bar")
     stats = ReplayStats(start_ms=start, end_ms=end)
-    ticks = {k: v for k, v in (await tick_sizes_at(conn, start)).items()
+    computed = start - -(-max(0, rng.warmup_ms) // bar_ms) * bar_ms  # the first bar computed
+    ticks = {k: v for k, v in (await tick_sizes_at(conn, computed)).items()
              if k[0] in rng.markets and (not rng.symbols or k[1] in rng.symbols)}
     if rng.symbols:
         missing = [s for s in rng.symbols if not any(k[1] == s for k in ticks)]
@@ -224,14 +228,14 @@ async def replay(
     stats.symbols = len(keys)
     if begin is not None:
         await begin(start, end, keys)
-    plan = await plan_syncs(conn, keys, start, end)
+    plan = await plan_syncs(conn, keys, computed, end)
     engine = FeatureEngine(settings, ticks, snapshot_limit=snapshot_limit,
-                           start_ms={m: start for m in rng.markets}, accept_snapshot=plan.accept)
+                           start_ms={m: computed for m in rng.markets}, accept_snapshot=plan.accept)
     markets = [m for m in rng.markets if any(k[0] == m for k in keys)]
     readers = {m: _Reader(conn, m, [s for mk, s in keys if mk == m]) for m in markets}
     # Enough after the last bar to close it and read the book at its end.
     tail = settings.bar_close_delay_ms + 3000
-    a = stats.load_from_ms = min(plan.load_from(m, start) for m in markets)
+    a = stats.load_from_ms = min(plan.load_from(m, computed) for m in markets)
     chunk = CHUNK_MS
     last_progress = 0.0
     while a < end + tail:
@@ -241,9 +245,9 @@ async def replay(
         for m, rd in readers.items():
             depth = await rd.depth(a, b)
             snaps = await rd.snapshots(a, b)
-            live = b > start  # trades and liquidations before the first bar are not needed
-            trades = await rd.trades(max(a, start), b) if live else []
-            liqs = await rd.force_orders(max(a, start), b) if live and m == "futures" else []
+            live = b > computed  # trades and liquidations before the first bar are not needed
+            trades = await rd.trades(max(a, computed), b) if live else []
+            liqs = await rd.force_orders(max(a, computed), b) if live and m == "futures" else []
             data[m] = (depth, snaps, liqs, trades)
             fetched += len(depth) + len(snaps) + len(liqs) + len(trades)
         pos = {m: [0, 0, 0, 0] for m in data}

@@ -24,6 +24,7 @@ import queue
 import time
 from typing import Any
 
+import asyncpg
 import orjson
 
 from ingestor.binance import rows
@@ -38,6 +39,8 @@ from ingestor.workers.delivery import Delivery, WriterLink
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
+SETTLE_S = 5.0  # after a market's first bar starts, before the bars missed before it are looked for
+RECOMPUTE_STOP_WAIT_S = 30.0
 ACK_WAIT_S = 20.0  # at stop, how long to wait for the writer to acknowledge the last rows
 STATUS_PERIOD_S = 1.0
 MAX_ITEMS_PER_TURN = 256  # queue items taken per turn before the clock and outputs get a look
@@ -48,7 +51,8 @@ _BAD_EVENT = (KeyError, TypeError, ValueError, IndexError, AttributeError)
 
 class FeatureWorker:
     def __init__(self, ctx: ChildContext, tick_sizes: dict[tuple[Market, str], float], in_queue: Any,
-                 link: WriterLink, request_queue: Any, status_queue: Any) -> None:
+                 link: WriterLink, request_queue: Any, status_queue: Any, dsn: str | None = None,
+                 after_crash: bool = False) -> None:
         self.ctx = ctx
         s = self.settings = ctx.settings
         self.fs = s.feature_settings()
@@ -64,6 +68,9 @@ class FeatureWorker:
         self.seen: dict[Market, tuple[int, float]] = {}
         self.rejected: dict[tuple[Market, str], int] = {}
         self.items = 0
+        self.dsn = dsn if after_crash else None  # only a worker that replaces a dead one has bars to fill
+        self.recomputing: dict[Market, asyncio.Task[None]] = {}  # per market, the fill of missed bars
+        self.recomputed: dict[str, Any] = {}
         self.start_syncs = 0  # books built from their first snapshot, not yet logged
         self.totals: Any = None
         self._last_log_reject = 0.0
@@ -196,11 +203,38 @@ class FeatureWorker:
             if now - last_status >= STATUS_PERIOD_S:
                 last_status = now
                 self.report()
+                self._maybe_recompute()
             if not items and (self.ctx.orphaned or self.ctx.stopping.is_set()):
                 break  # no supervisor to send DRAIN, or told to stop by a signal: finish what we have
         await self.finish()
 
+    def _maybe_recompute(self) -> None:
+        """Once per market, when its first bar has started and settled: fill the bars missed
+        since the last stored one (see ``recompute``)."""
+        if self.dsn is None:
+            return
+        wall_ms = time.time() * 1000
+        for market, start in self.engine.start_ms.items():
+            if market not in self.recomputing and wall_ms >= start + SETTLE_S * 1000:
+                self.recomputing[market] = asyncio.ensure_future(self._recompute(market, start))
+
+    async def _recompute(self, market: Market, first_bar_ms: int) -> None:
+        from ingestor.features.recompute import missed_span, recompute
+
+        try:
+            span = await missed_span(self.dsn or "", market, self.fs.bar_seconds, first_bar_ms)
+            if span is None:  # the predecessor's last bar ends where this worker's first begins
+                self.recomputed[market] = {"from_ms": first_bar_ms, "to_ms": first_bar_ms, "ok": True}
+            else:
+                ok = await recompute(self.settings, self.dsn or "", span)
+                self.recomputed[market] = {"from_ms": span.from_ms, "to_ms": span.to_ms, "ok": ok}
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("%s: could not look for bars missed before this worker: %s", market, exc)
+
     async def finish(self) -> None:
+        pending = [t for t in self.recomputing.values() if not t.done()]
+        if pending:  # a fill in progress is given its time: its rows are the missing ones
+            await asyncio.wait(pending, timeout=RECOMPUTE_STOP_WAIT_S)
         self.tick()
         for g in self.engine.open_gaps():
             self._gap_row(g.market, g.symbol, g.first_missing, g.last_missing, g.from_ms, g.to_ms,
@@ -257,14 +291,16 @@ class FeatureWorker:
         self.status_queue.put({
             "worker": w, "kind": "features", "time": wall, "markets": markets, "queue_depth": depth,
             "waiting_bars": eng.waiting_bars(), "rejected": sum(self.rejected.values()),
+            "recomputed": self.recomputed,
             "pending_rows": self.batcher.pending_rows(),
         })
 
 
 def main(settings: Settings, name: str, tick_sizes: dict[tuple[Market, str], float], in_queue: Any,
-         link: WriterLink, request_queue: Any, status_queue: Any) -> None:
+         link: WriterLink, request_queue: Any, status_queue: Any, dsn: str | None = None,
+         after_crash: bool = False) -> None:
     async def body(ctx: ChildContext) -> None:
-        await FeatureWorker(ctx, tick_sizes, in_queue, link, request_queue, status_queue).run()
+        await FeatureWorker(ctx, tick_sizes, in_queue, link, request_queue, status_queue, dsn, after_crash).run()
         ctx.release_queues(status_queue, request_queue, *((link.queue,) if ctx.orphaned else ()))
 
     # Like the writer, it takes no stop event: it stops on DRAIN, after the producers.

@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from ingestor.binance.rest_limits import (
+    AGG_TRADES_WEIGHT,
     DEPTH_DEFAULT_LIMIT,
     FUTURES_DEPTH_LIMITS,
     PREFIX,
@@ -125,7 +126,7 @@ class RestApi:
                 limit = default
             return depth_weight(self.market, limit)
         if path == "aggTrades":
-            return 4 if spot else 20
+            return AGG_TRADES_WEIGHT[self.market]
         if path == "exchangeInfo":
             return 20 if spot else 1
         if path == "24hr":

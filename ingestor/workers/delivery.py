@@ -54,11 +54,19 @@ class Delivery:
         self.pending_bytes = 0
         self.epoch = writer_epoch.value if writer_epoch is not None else 0
         self.resent = 0
+        # Per batch, what the producer's state was when it was sent (``send(mark=...)``);
+        # once it and every batch before it are acknowledged, the mark is safe: what it
+        # describes is in the database (or the writer's spool).
+        self.marks: dict[int, tuple[str, Any]] = {}
+        self.safe: dict[str, Any] = {}
         self.released: dict[str, int] = {}  # table -> rows let go unacknowledged past max_bytes
 
-    def send(self, batch: Batch) -> None:
+    def send(self, batch: Batch, mark: tuple[str, Any] | None = None) -> None:
+        """Send ``batch``; ``mark`` is (key, state) to learn as safe once it is acknowledged."""
         self.seq += 1
         batch.producer, batch.incarnation, batch.seq = self.name, self.incarnation, self.seq
+        if mark is not None:
+            self.marks[self.seq] = mark
         if self.ack_queue is not None:
             self.pending[self.seq] = batch
             self.pending_bytes += batch.nbytes
@@ -90,6 +98,16 @@ class Delivery:
                 for batch in self.pending.values():
                     self.out_queue.put(batch)
                 self.resent += len(self.pending)
+
+    def safe_marks(self) -> dict[str, Any]:
+        """For each mark key, the newest state whose batch, and every batch before it, the
+        writer has acknowledged."""
+        if self.marks:
+            first_unacked = next(iter(self.pending), self.seq + 1)
+            for seq in [s for s in self.marks if s < first_unacked]:
+                key, state = self.marks.pop(seq)
+                self.safe[key] = state
+        return self.safe
 
     async def wait_acked(self, timeout_s: float, period_s: float = 0.05) -> bool:
         """At shutdown: until every batch is acknowledged (True) or the time is up."""

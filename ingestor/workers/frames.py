@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from ingestor.binance import rows
-from ingestor.binance.sequence import Gap, SequenceTracker
+from ingestor.binance.sequence import Gap, Positions, SequenceTracker
 from ingestor.binance.streams import Market
 from ingestor.features.feed import MarketFeed
 from ingestor.workers.batching import Batch, Batcher
@@ -60,7 +60,7 @@ class FrameHandler:
         symbols: frozenset[str] | None = None,
         batch_rows: int = 5000,
         batch_age_s: float = 0.2,
-        on_gap: Callable[[Market, Gap], None] | None = None,
+        on_gap: Callable[[Market, Gap, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         feed: MarketFeed | None = None,
     ) -> None:
@@ -80,6 +80,10 @@ class FrameHandler:
         self.rejected: dict[str, int] = {}  # reason -> count
         self.stale = 0  # events at or behind the last seen id: not stored twice
         self.gaps: list[Gap] = []
+        # Streams without ids (mark prices, liquidations): the latest event time seen, and
+        # the time gaps a lost connection opened, written once the stream flows again.
+        self.last_e: dict[str, int] = {}
+        self.lost_since: dict[str, tuple[int | None, int]] = {}  # kind -> (last E before, detected ms)
         self.bytes_in = 0
         self.last_reject_log = 0.0
 
@@ -174,24 +178,82 @@ class FrameHandler:
 
     def _force_order(self, msg: dict[str, Any], payload: bytes) -> None:
         self._count("forceOrder")
-        if self._wanted(msg["o"]["s"]):
-            self._add("force_orders", rows.force_order(self.market, msg, payload), msg["E"])
-            if self.feed is not None:
-                self.feed.force_orders.append(payload)
+        symbol, e_ms = msg["o"]["s"], msg["E"]
+        if self._wanted(symbol):
+            row = rows.force_order(self.market, msg, payload)
+            if self.seq.by_time("f", symbol, e_ms):
+                self._flowing("forceOrder", e_ms)
+                self._add("force_orders", row, e_ms)
+                if self.feed is not None:
+                    self.feed.force_orders.append(payload)
+            else:
+                self.stale += 1
 
     def _mark_price(self, msg: dict[str, Any], payload: bytes) -> None:
         self._count("markPriceUpdate")
-        if self._wanted(msg["s"]):
-            self._add("mark_prices", rows.mark_price(self.market, msg, payload), msg["E"])
+        symbol, e_ms = msg["s"], msg["E"]
+        if self._wanted(symbol):
+            row = rows.mark_price(self.market, msg, payload)
+            if self.seq.by_time("m", symbol, e_ms):
+                self._flowing("markPrice", e_ms)
+                self._add("mark_prices", row, e_ms)
+            else:
+                self.stale += 1
+
+    def _flowing(self, kind: str, e_ms: int) -> None:
+        """A new event of a stream without ids: close the time gap a lost connection opened."""
+        if self.lost_since:
+            lost = self.lost_since.pop(kind, None)
+            if lost is not None:
+                self._time_gap(kind, lost[0], e_ms, lost[1])
+        if e_ms > self.last_e.get(kind, 0):
+            self.last_e[kind] = e_ms
+
+    def seed(self, positions: Positions, time_kinds: set[str]) -> None:
+        """Carry on from a dead predecessor's sequence positions (those of data the writer
+        had acknowledged): the first events show what its death lost (a trade gap to
+        backfill, a depth gap); the id-less streams get a time gap from their last event."""
+        self.seq.seed(positions)
+        for kind, key in (("markPrice", "m"), ("forceOrder", "f")):
+            seen = [e for e, _ in positions.get(key, {}).values()]
+            if seen:
+                self.last_e[kind] = max(seen)
+        self.connection_lost(time_kinds)
+
+    def connection_lost(self, kinds: set[str]) -> None:
+        """A connection carrying these id-less streams went down: what they sent meanwhile is
+        gone (no ids to find it by, no history to fetch it from). The gap is written, as
+        unrecoverable, when the stream flows again (or at stop)."""
+        now_ms = int(time.time() * 1000)
+        for kind in kinds:
+            self.lost_since.setdefault(kind, (self.last_e.get(kind), now_ms))
+
+    def close_time_gaps(self) -> None:
+        """At stop: the time gaps still open end now."""
+        now_ms = int(time.time() * 1000)
+        for kind, (since, detected) in self.lost_since.items():
+            self._time_gap(kind, since, now_ms, detected)
+        self.lost_since.clear()
+
+    def _time_gap(self, kind: str, from_ms: int | None, to_ms: int, detected_ms: int) -> None:
+        now_ms = int(time.time() * 1000)
+        self.gaps.append(Gap("*", kind, -1, -1, from_ms or detected_ms, to_ms))
+        self._add("stream_gaps", rows.stream_gap(self.market, "*", kind, None, None, from_ms, to_ms, detected_ms,
+                                                 "unrecoverable", now_ms), now_ms)
+        log.warning("%s %s: no events between %s and %s (the connection was down): recorded as a gap",
+                    self.market, kind, from_ms, to_ms)
 
     def _gap(self, gap: Gap) -> None:
         self.gaps.append(gap)
         now_ms = int(time.time() * 1000)
+        # Trade gaps are backfilled over REST (the socket worker asks); the diffs a depth gap
+        # misses can be fetched from nowhere: the book resumes from a new snapshot.
+        how, closed = ("open", None) if gap.stream == "aggTrade" else ("unrecoverable", now_ms)
         self._add("stream_gaps", rows.stream_gap(
-            self.market, gap.symbol, gap.stream, gap.from_id, gap.to_id, gap.from_ms, gap.to_ms, now_ms,
+            self.market, gap.symbol, gap.stream, gap.from_id, gap.to_id, gap.from_ms, gap.to_ms, now_ms, how, closed,
         ), now_ms)
         if self.on_gap is not None:
-            self.on_gap(self.market, gap)
+            self.on_gap(self.market, gap, now_ms)
 
     def reject(self, reason: str, frame: bytes) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1

@@ -18,25 +18,31 @@ import heapq
 import logging
 import queue
 import time
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 
 from ingestor.binance import rows
 from ingestor.binance.rest_client import RestClient, RestError
-from ingestor.binance.rest_limits import OPEN_INTEREST_WEIGHT, depth_weight
+from ingestor.binance.rest_limits import AGG_TRADES_WEIGHT, OPEN_INTEREST_WEIGHT, depth_weight
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
-from ingestor.features.feed import Snapshot, SnapshotRequest
-from ingestor.workers.batching import Batcher
+from ingestor.features.feed import Snapshot, SnapshotRequest, TradeGapRequest
+from ingestor.workers.batching import Backfill, Batch, Batcher
 from ingestor.workers.child import ChildContext, run_child
 from ingestor.workers.delivery import Delivery, WriterLink
 
 log = logging.getLogger(__name__)
 
 ACK_WAIT_S = 20.0  # at stop, how long to wait for the writer to acknowledge the last batches
+BACKFILL_STOP_WAIT_S = 15.0  # at stop, backfills in flight get this long to finish
+MAX_BACKFILL_TRADES = 200_000  # per gap: past this, the rest of the gap is recorded as unrecoverable
+GAP_SCAN_PERIOD_S = 15.0
+_MS = "(extract(epoch FROM {}) * 1000)::bigint"
 
 @dataclass(frozen=True, order=True)
 class Job:
@@ -61,7 +67,8 @@ def schedule(symbols: dict[Market, list[str]], settings: Settings) -> list[tuple
 
 class RestWorker:
     def __init__(self, ctx: ChildContext, symbols: dict[Market, list[str]], link: WriterLink,
-                 status_queue: Any, feature_queue: Any = None, request_queue: Any = None) -> None:
+                 status_queue: Any, feature_queue: Any = None, request_queue: Any = None,
+                 dsn: str | None = None) -> None:
         self.ctx = ctx
         self.settings = s = ctx.settings
         self.symbols = symbols
@@ -69,8 +76,11 @@ class RestWorker:
         self.status_queue = status_queue
         self.feature_queue = feature_queue
         self.request_queue = request_queue
-        self.asked: set[tuple[Market, str]] = set()  # requests waiting or in flight (one each)
+        self.asked: set[tuple[Any, ...]] = set()  # requests waiting or in flight (one each)
         self.served = 0
+        self.backfilled = 0
+        self.dsn = dsn
+        self.snapshot_times: dict[tuple[Market, str], tuple[int, int]] = {}  # last stored (time, lastUpdateId)
         self.batcher = Batcher(self.delivery.send, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
                                producer=ctx.name)
         self.done: dict[str, int] = {}
@@ -82,34 +92,43 @@ class RestWorker:
         timeout = aiohttp.ClientTimeout(total=30)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             self.client = RestClient(session, {m: s.rest_url(m) for m in self.symbols}, s.rest_weight_share)
-            start = time.monotonic()
-            heap = [(start + off, job) for off, job in schedule(self.symbols, s)]
-            heapq.heapify(heap)
             pump = asyncio.ensure_future(self._pump())
             requests = asyncio.ensure_future(self._serve_requests())
-            while heap and not self.ctx.should_stop():
-                if self.asked:  # books waiting for a snapshot come first
-                    await asyncio.sleep(0.05)
-                    continue
-                due, job = heap[0]
-                wait = due - time.monotonic()
-                if wait > 0:
-                    try:
-                        await asyncio.wait_for(self.ctx.stopping.wait(), min(wait, 0.5))
-                    except TimeoutError:
-                        pass
-                    continue
-                heapq.heappop(heap)
-                await self._run_job(job)
-                heapq.heappush(heap, (max(due + job.interval_s, time.monotonic()), job))
-            if not heap:
-                await self.ctx.watch()  # nothing scheduled: idle until told to stop
-            pump.cancel()
+            scan = asyncio.ensure_future(self._scan_open_gaps())
+            jobs = schedule(self.symbols, s)
+            # One schedule per market: a market that is backing off (429, Retry-After) must
+            # not hold up the other one.
+            await asyncio.gather(*(self._periodic([(off, j) for off, j in jobs if j.market == m])
+                                   for m in self.symbols))
+            await self.ctx.watch()  # nothing (more) scheduled: idle until told to stop
+            scan.cancel()
             requests.cancel()
-            await asyncio.gather(pump, requests, return_exceptions=True)
+            await asyncio.gather(requests, scan, return_exceptions=True)
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
         self.batcher.flush(force=True)
         await self.delivery.wait_acked(ACK_WAIT_S)
         self.report()
+
+    async def _periodic(self, jobs: list[tuple[float, Job]]) -> None:
+        start = time.monotonic()
+        heap = [(start + off, job) for off, job in jobs]
+        heapq.heapify(heap)
+        while heap and not self.ctx.should_stop():
+            if self.asked:  # books waiting for a snapshot, and gaps, come first
+                await asyncio.sleep(0.05)
+                continue
+            due, job = heap[0]
+            wait = due - time.monotonic()
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(self.ctx.stopping.wait(), min(wait, 0.5))
+                except TimeoutError:
+                    pass
+                continue
+            heapq.heappop(heap)
+            await self._run_job(job)
+            heapq.heappush(heap, (max(due + job.interval_s, time.monotonic()), job))
 
     async def _run_job(self, job: Job) -> None:
         try:
@@ -131,27 +150,38 @@ class RestWorker:
                                      weight=depth_weight(market, limit))
         msg = orjson.loads(body)
         t_ms = msg.get("T") or int(time.time() * 1000)
+        # The stored time is part of the table's key: two different snapshots of one symbol
+        # (a periodic one and one asked for, in the same millisecond) must not share it, or
+        # the second would be taken for the first sent twice. The same snapshot again may.
+        lid = int(msg["lastUpdateId"])
+        prev = self.snapshot_times.get((market, symbol))
+        if prev is not None and prev[1] != lid and t_ms <= prev[0]:
+            t_ms = prev[0] + 1
+        self.snapshot_times[(market, symbol)] = (t_ms, lid)
         self.batcher.add("depth_snapshots", rows.depth_snapshot(market, symbol, t_ms, body), t_ms)
         if self.feature_queue is not None:
             self.feature_queue.put(Snapshot(market, symbol, t_ms, body))
 
     async def _serve_requests(self) -> None:
-        """Snapshots the feature worker asks for, a few at a time within the weight budget."""
+        """What the other workers ask for, a few at a time within the weight budget: snapshots
+        for the feature worker's books, trade backfills for the socket workers' gaps."""
         if self.request_queue is None:
             return
         slots = asyncio.Semaphore(4)
         tasks: set[asyncio.Task[None]] = set()
 
-        async def serve(req: SnapshotRequest) -> None:
-            key = (req.market, req.symbol)
+        async def serve(req: SnapshotRequest | TradeGapRequest, key: tuple[Any, ...]) -> None:
             try:
                 async with slots:
-                    await self._snapshot(req.market, req.symbol)
-                self.served += 1
-                self.done["depth"] = self.done.get("depth", 0) + 1
+                    if isinstance(req, TradeGapRequest):
+                        await self._backfill(req)
+                    else:
+                        await self._snapshot(req.market, req.symbol)
+                        self.served += 1
+                        self.done["depth"] = self.done.get("depth", 0) + 1
             except (RestError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                self.failed += 1  # the feature worker asks again after its timeout
-                log.warning("%s depth %s (asked for by the feature worker): %s", req.market, req.symbol, exc)
+                self.failed += 1  # asked again: the feature worker after its timeout, a gap by the scan
+                log.warning("%s %s %s (asked for): %s", req.market, type(req).__name__, req.symbol, exc)
             finally:
                 self.asked.discard(key)
 
@@ -164,19 +194,87 @@ class RestWorker:
                     except queue.Empty:
                         break
                     got = True
-                    key = (req.market, req.symbol)
-                    if key in self.asked or req.market not in self.symbols:
-                        continue
-                    self.asked.add(key)
-                    task = asyncio.ensure_future(serve(req))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    self._take(req, tasks, serve)
                 if not got:
                     await asyncio.sleep(0.02)
-        finally:  # stopping: requests in flight are dropped (a new worker asks again)
+        finally:  # stopping: snapshots in flight are dropped; backfills are given a little time
+            backfills = [t for t in tasks if getattr(t, "backfill", False)]
+            if backfills:
+                await asyncio.wait(backfills, timeout=BACKFILL_STOP_WAIT_S)
             for task in list(tasks):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _take(self, req: Any, tasks: set[asyncio.Task[None]], serve: Any) -> None:
+        if req.market not in self.symbols:
+            return
+        key: tuple[Any, ...] = ((req.market, req.symbol) if isinstance(req, SnapshotRequest)
+                                else (req.market, req.symbol, req.from_id, req.to_id))
+        if key in self.asked:
+            return
+        self.asked.add(key)
+        task = asyncio.ensure_future(serve(req, key))
+        task.backfill = isinstance(req, TradeGapRequest)  # type: ignore[attr-defined]
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _backfill(self, req: TradeGapRequest) -> None:
+        """Fetch the trades of a gap (``fromId`` pages of 1,000) and hand them to the writer,
+        which stores those not stored yet and closes the gap's row."""
+        items: list[dict[str, Any]] = []
+        next_id = req.from_id
+        while next_id <= req.to_id and len(items) < MAX_BACKFILL_TRADES:
+            body = await self.client.get(req.market, "aggTrades",
+                                         {"symbol": req.symbol, "fromId": next_id, "limit": 1000},
+                                         weight=AGG_TRADES_WEIGHT[req.market])
+            page = orjson.loads(body)
+            if not page:
+                break
+            items.extend(t for t in page if t["a"] <= req.to_id)
+            next_id = page[-1]["a"] + 1
+        ids = [t["a"] for t in items]
+        complete = ids == list(range(req.from_id, req.to_id + 1))
+        parts = []
+        for t in items:
+            # A REST trade has no event time or symbol: it is stored with its own fields plus
+            # "s", under its trade time T (see README, "Gaps").
+            payload = orjson.dumps({**t, "s": req.symbol})
+            parts.append(rows.agg_trade(req.market, {"E": t["T"], "s": req.symbol, "a": t["a"]}, payload))
+        first_t = items[0]["T"] if items else req.from_ms
+        last_t = items[-1]["T"] if items else req.to_ms
+        info = Backfill(req.market, req.symbol, req.from_id, req.to_id, req.from_ms, req.to_ms, req.detected_ms,
+                        first_t, last_t, complete)
+        self.delivery.send(Batch("agg_trades", len(parts), b"".join(parts),
+                                 array("q", (t["T"] for t in items)).tobytes(), kind="backfill",
+                                 ids=array("q", ids).tobytes(), backfill=info))
+        self.backfilled += len(items)
+        self.done["backfill"] = self.done.get("backfill", 0) + 1
+        (log.info if complete else log.warning)(
+            "%s %s: backfilled trades %d..%d over REST (%d of %d)%s", req.market, req.symbol, req.from_id,
+            req.to_id, len(items), req.to_id - req.from_id + 1, "" if complete else ": the rest is unrecoverable")
+
+    async def _scan_open_gaps(self) -> None:
+        """The safety net: trade gaps still open in the database (a request lost with a
+        worker that died, or left by an earlier run) are asked for again."""
+        if self.dsn is None or self.request_queue is None:
+            return
+        while True:
+            await asyncio.sleep(GAP_SCAN_PERIOD_S)
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=5)
+                try:
+                    open_gaps = await conn.fetch(
+                        f"""SELECT market, symbol, from_id, to_id, {_MS.format("from_time")} AS f,
+                                   {_MS.format("to_time")} AS t, {_MS.format("detected_at")} AS d
+                            FROM stream_gaps WHERE stream = 'aggTrade' AND closed_how = 'open'
+                              AND detected_at < now() - make_interval(secs => $1)""", GAP_SCAN_PERIOD_S)
+                finally:
+                    await conn.close()
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                continue  # the database is away: the writer spools, the next scan will see
+            for g in open_gaps:
+                self.request_queue.put(TradeGapRequest(g["market"], g["symbol"], g["from_id"], g["to_id"], g["f"],
+                                                       g["t"], g["d"]))
 
     async def _pump(self) -> None:
         last = 0.0
@@ -206,14 +304,14 @@ class RestWorker:
             "worker": w, "kind": "rest", "time": time.time(), "requests_done": dict(self.done),
             "failed": self.failed,
             "weight_used": {m: b.used for m, b in client.budgets.items()} if client else {},
-            "pending_rows": self.batcher.pending_rows(), "snapshots_asked": len(self.asked),
-            "snapshots_served": self.served,
+            "pending_rows": self.batcher.pending_rows(), "requests_open": len(self.asked),
+            "snapshots_served": self.served, "trades_backfilled": self.backfilled,
         })
 
 def main(settings: Settings, name: str, symbols: dict[Market, list[str]], link: WriterLink, status_queue: Any,
-         stop_event: Any, feature_queue: Any = None, request_queue: Any = None) -> None:
+         stop_event: Any, feature_queue: Any = None, request_queue: Any = None, dsn: str | None = None) -> None:
     async def body(ctx: ChildContext) -> None:
-        await RestWorker(ctx, symbols, link, status_queue, feature_queue, request_queue).run()
+        await RestWorker(ctx, symbols, link, status_queue, feature_queue, request_queue, dsn).run()
         queues = (link.queue, feature_queue) if ctx.orphaned else ()
         ctx.release_queues(status_queue, *(q for q in queues if q is not None))
 

@@ -1,10 +1,21 @@
 """Socket worker process: picows connections of combined streams, parsed and encoded here.
 
 Each connection reconnects with exponential backoff and jitter. Frames go through one
-``FrameHandler`` per market; finished batches go to the writer's queue whole (one
-pickled object per batch, never per row). On stop: close the sockets, hand over every
-pending row, exit (the queue's feeder thread is joined at exit, so nothing is left in
-this process).
+``FrameHandler`` per market; finished batches go to the writer through ``Delivery`` (kept
+until acknowledged). On stop: close the sockets, hand over every pending row, wait for the
+writer's acknowledgements, exit.
+
+Zero loss around the connection:
+
+- a stall (no data, no pong) is found within ``PING_IDLE_S + PING_REPLY_S`` and the
+  connection replaced; a drop or a server close reconnects at once;
+- what a lost connection missed: trade ids are asked from the REST worker (backfill),
+  depth gaps are recorded (the feature worker resyncs its books), streams without ids
+  (mark prices, liquidations) get a time gap;
+- before the exchange's 24 h limit (``connection_max_age_s``), a connection is rotated
+  make-before-break: the new one is opened and its frames held while the old one still
+  delivers; once the new one flows, the old one is closed and the held frames follow. A
+  message delivered by both is dropped the second time by the sequence checks.
 """
 
 from __future__ import annotations
@@ -18,11 +29,11 @@ from typing import Any
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from ingestor.binance.plan import Connection
-from ingestor.binance.sequence import Gap
+from ingestor.binance.sequence import KIND_OF_TABLE, Gap, Positions
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
-from ingestor.features.feed import MarketFeed
-from ingestor.workers.batching import Batcher
+from ingestor.features.feed import MarketFeed, TradeGapRequest
+from ingestor.workers.batching import Batch, Batcher
 from ingestor.workers.child import ChildContext, run_child
 from ingestor.workers.delivery import Delivery, WriterLink
 from ingestor.workers.frames import FrameHandler
@@ -32,28 +43,48 @@ log = logging.getLogger(__name__)
 FLUSH_PERIOD_S = 0.05
 ACK_WAIT_S = 20.0  # at stop, how long to wait for the writer to acknowledge the last batches
 STATUS_PERIOD_S = 1.0
+POSITIONS_PERIOD_S = 2.0  # how often the sequence positions go to the supervisor (for a restart)
 # Client pings when idle: a silent socket (a stall, a dead peer) is found within
 # IDLE + REPLY seconds. Binance counts pings against the incoming-message limit, so
-# only when idle.
-PING_IDLE_S = 10.0
-PING_REPLY_S = 10.0
+# only when idle, and well under it.
+PING_IDLE_S = 3.0
+PING_REPLY_S = 3.0
+ROTATION_FLOW_TIMEOUT_S = 15.0  # the new connection must deliver within this, or the rotation is retried
+# Streams without ids, by the kind FrameHandler names their time gaps with.
+_TIME_STREAMS = {"!markPrice@arr": "markPrice", "!forceOrder@arr": "forceOrder"}
 
 
 class _Listener(WSListener):
-    def __init__(self, conn: StreamConnection) -> None:
+    """One picows connection. While ``held`` is a list (a rotation's new connection), its
+    frames wait there instead of going to the handler."""
+
+    def __init__(self, conn: StreamConnection, held: list[bytes] | None = None) -> None:
         self.conn = conn
+        self.held = held
+        self.transport: WSTransport | None = None
+        self.connected = False
+        self.flowing = asyncio.Event()
+        self.closed = asyncio.Event()
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self.conn.on_connected(transport)
+        self.transport = transport
+        self.connected = True
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.TEXT and frame.fin:
-            self.conn.on_text(frame.get_payload_as_bytes())
+            payload = frame.get_payload_as_bytes()
+            if self.held is not None:
+                self.held.append(payload)
+                self.flowing.set()
+            else:
+                self.conn.on_text(self, payload)
         elif frame.msg_type in (WSMsgType.TEXT, WSMsgType.CONTINUATION, WSMsgType.BINARY):
             self.conn.handler.reject("frame_type", b"")  # Binance sends whole text frames only
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.conn.on_disconnected()
+        self.connected = False
+        self.transport = None
+        self.closed.set()
 
 
 class StreamConnection:
@@ -62,44 +93,44 @@ class StreamConnection:
         self.url = url
         self.handler = handler
         self.settings = settings
-        self.transport: WSTransport | None = None
-        self.connected = False
+        self.listener: _Listener | None = None
         self.reconnects = 0
+        self.connect_failures = 0
+        self.rotations = 0
         self.last_message = 0.0
-        self.disconnected = asyncio.Event()
+        self.time_kinds = {kind for prefix, kind in _TIME_STREAMS.items()
+                           if any(st.startswith(prefix) for st in conn.streams)}
 
-    def on_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-        self.connected = True
-        self.disconnected.clear()
+    @property
+    def connected(self) -> bool:
+        return self.listener is not None and self.listener.connected
 
-    def on_text(self, payload: bytes) -> None:
+    def on_text(self, listener: _Listener, payload: bytes) -> None:
         self.last_message = time.monotonic()
         if len(payload) > self.settings.max_frame_bytes:
             self.handler.reject("oversize", payload)
-            if self.transport is not None:
-                self.transport.disconnect()
+            if listener.transport is not None:
+                listener.transport.disconnect()
             return
         self.handler.on_frame(payload)
 
-    def on_disconnected(self) -> None:
-        self.connected = False
-        self.transport = None
-        self.disconnected.set()
+    async def _open(self, held: list[bytes] | None = None) -> _Listener:
+        listener = _Listener(self, held)
+        await asyncio.wait_for(ws_connect(
+            lambda: listener, self.url,
+            enable_auto_ping=True, auto_ping_idle_timeout=PING_IDLE_S, auto_ping_reply_timeout=PING_REPLY_S,
+            max_frame_size=self.settings.max_frame_bytes + 1024, logger_name=f"ingestor.ws.{self.spec.market}",
+        ), 15.0)
+        return listener
 
     async def run(self, ctx: ChildContext) -> None:
         attempt = 0
         while not ctx.should_stop():
             try:
-                await asyncio.wait_for(ws_connect(
-                    lambda: _Listener(self), self.url,
-                    enable_auto_ping=True, auto_ping_idle_timeout=PING_IDLE_S,
-                    auto_ping_reply_timeout=PING_REPLY_S,
-                    max_frame_size=self.settings.max_frame_bytes + 1024,
-                    logger_name=f"ingestor.ws.{self.spec.market}",
-                ), 15.0)
+                self.listener = await self._open()
             except Exception as exc:  # noqa: BLE001 - DNS, TCP, TLS, handshake: all mean "try again"
                 attempt += 1
+                self.connect_failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
                 log.warning("%s %s: connect failed (%s); retrying in %.1f s", self.spec.market, self.spec.route,
                             exc, delay)
@@ -109,20 +140,73 @@ class StreamConnection:
                 log.info("%s %s: connected (%d streams)", self.spec.market, self.spec.route,
                          len(self.spec.streams))
             attempt = 0
-            stop = asyncio.ensure_future(ctx.stopping.wait())
-            lost = asyncio.ensure_future(self.disconnected.wait())
-            await asyncio.wait((stop, lost), return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            lost.cancel()
-            if ctx.should_stop():
-                if self.transport is not None:
-                    self.transport.disconnect()
-                    await asyncio.wait_for(self.disconnected.wait(), 5.0)
+            while True:  # this connection, and the ones that replace it by rotation
+                outcome = await self._serve(ctx)
+                if outcome != "rotate" or not await self._rotate(ctx):
+                    break
+            if outcome == "stop":
                 return
             self.reconnects += 1
+            if self.time_kinds:
+                self.handler.connection_lost(self.time_kinds)
             delay = random.uniform(0.1, 0.5)
             log.warning("%s %s: disconnected; reconnecting in %.1f s", self.spec.market, self.spec.route, delay)
             await _sleep_unless_stopping(ctx, delay)
+
+    async def _serve(self, ctx: ChildContext) -> str:
+        """Until the connection is lost ("lost"), the worker stops ("stop") or it is due for
+        rotation ("rotate")."""
+        listener = self.listener
+        assert listener is not None
+        opened = time.monotonic()
+        max_age = self.settings.connection_max_age_s
+        stop = asyncio.ensure_future(ctx.stopping.wait())
+        lost = asyncio.ensure_future(listener.closed.wait())
+        try:
+            timeout = max(0.0, opened + max_age - time.monotonic()) if max_age > 0 else None
+            await asyncio.wait((stop, lost), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            lost.cancel()
+        if ctx.should_stop():
+            if listener.transport is not None:
+                listener.transport.disconnect()
+                await asyncio.wait_for(listener.closed.wait(), 5.0)
+            return "stop"
+        return "lost" if listener.closed.is_set() else "rotate"
+
+    async def _rotate(self, ctx: ChildContext) -> bool:
+        """Make-before-break. True: a connection serves (the new one); False: none does (the
+        caller reconnects)."""
+        old = self.listener
+        assert old is not None
+        held: list[bytes] = []
+        try:
+            new = await self._open(held)
+        except Exception as exc:  # noqa: BLE001 - the old connection still serves: try again later
+            log.warning("%s %s: rotation failed to connect (%s)", self.spec.market, self.spec.route, exc)
+            return not old.closed.is_set()
+        try:
+            await asyncio.wait_for(new.flowing.wait(), ROTATION_FLOW_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("%s %s: the rotated connection delivered nothing in %.0f s; keeping the old one",
+                        self.spec.market, self.spec.route, ROTATION_FLOW_TIMEOUT_S)
+            if new.transport is not None:
+                new.transport.disconnect()
+            return not old.closed.is_set()
+        # Everything the old one delivered is in; then the new one's frames, held since it
+        # opened (they overlap the old one's last ones: the sequence checks drop those).
+        if old.transport is not None:
+            old.transport.disconnect()
+        await asyncio.wait_for(old.closed.wait(), 5.0)
+        self.listener = new
+        for payload in held:
+            self.on_text(new, payload)
+        new.held = None
+        self.rotations += 1
+        log.info("%s %s: connection rotated (make-before-break, %d frames held)", self.spec.market,
+                 self.spec.route, len(held))
+        return True
 
 
 async def _sleep_unless_stopping(ctx: ChildContext, delay: float) -> None:
@@ -134,12 +218,13 @@ async def _sleep_unless_stopping(ctx: ChildContext, delay: float) -> None:
 
 class SocketWorker:
     def __init__(self, ctx: ChildContext, connections: list[Connection], symbols: dict[Market, list[str]],
-                 link: WriterLink, status_queue: Any, feature_queue: Any = None) -> None:
+                 link: WriterLink, status_queue: Any, feature_queue: Any = None, request_queue: Any = None,
+                 positions: dict[Market, Positions] | None = None) -> None:
         self.ctx = ctx
         self.settings = s = ctx.settings
         self.delivery = Delivery(ctx.name, link)
         self.status_queue = status_queue
-        self.batcher = Batcher(self.delivery.send, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
+        self.batcher = Batcher(self._send, batch_rows=s.batch_rows, batch_age_s=s.batch_age_ms / 1000,
                                producer=ctx.name)
         markets = {c.market for c in connections}
         # The feature worker's copy of what is stored, handed on every flush period.
@@ -151,15 +236,42 @@ class SocketWorker:
         }
         self.conns = [StreamConnection(c, c.url(s.ws_url(c.market)), self.handlers[c.market], s)
                       for c in connections]
+        self.request_queue = request_queue
+        self.backfills_asked = 0
+        if positions:  # a predecessor died: carry on from where its sequences stood
+            for m, h in self.handlers.items():
+                if positions.get(m):
+                    h.seed(positions[m], {k for c in self.conns if c.spec.market == m for k in c.time_kinds})
+            log.info("carrying on from the sequence positions of the worker this one replaces")
         self.totals: Any = None  # metrics.Totals, created on the first report (after import)
         self._last_status: tuple[int, float] | None = None
 
-    def _on_gap(self, market: Market, gap: Gap) -> None:
+    def _send(self, batch: Batch) -> None:
+        # A batch of one table holds every row of it received so far: the sequence positions
+        # of that kind, taken now, are safe once the batch is acknowledged. Those are what a
+        # successor carries on from (a dict copy per batch, not per message).
+        kind = KIND_OF_TABLE.get(batch.table)
+        mark = None if kind is None else (kind, {m: h.seq.positions(kind)[kind] for m, h in self.handlers.items()})
+        self.delivery.send(batch, mark)
+
+    def safe_positions(self) -> dict[Market, Positions]:
+        """Per market, the sequence positions of data the writer has acknowledged."""
+        out: dict[Market, Positions] = {}
+        for kind, by_market in self.delivery.safe_marks().items():
+            for m, state in by_market.items():
+                out.setdefault(m, {})[kind] = state
+        return out
+
+    def _on_gap(self, market: Market, gap: Gap, detected_ms: int) -> None:
         log.warning("%s %s %s: gap, ids %d..%d missing", market, gap.symbol, gap.stream, gap.from_id, gap.to_id)
+        if gap.stream == "aggTrade" and self.request_queue is not None:
+            self.request_queue.put(TradeGapRequest(market, gap.symbol, gap.from_id, gap.to_id, gap.from_ms,
+                                                   gap.to_ms, detected_ms))
+            self.backfills_asked += 1
 
     async def run(self) -> None:
         tasks = [asyncio.ensure_future(c.run(self.ctx)) for c in self.conns]
-        last_status = 0.0
+        last_status = last_positions = 0.0
         while not self.ctx.should_stop():
             await asyncio.sleep(FLUSH_PERIOD_S)
             self.batcher.flush()
@@ -169,15 +281,19 @@ class SocketWorker:
             now = time.monotonic()
             if now - last_status >= STATUS_PERIOD_S:
                 last_status = now
-                self.report()
+                self.report(positions=now - last_positions >= POSITIONS_PERIOD_S)
+                if now - last_positions >= POSITIONS_PERIOD_S:
+                    last_positions = now
         await asyncio.gather(*tasks, return_exceptions=True)
+        for h in self.handlers.values():
+            h.close_time_gaps()
         self.batcher.flush(force=True)
         for feed in self.feeds.values():
             feed.flush()
         await self.delivery.wait_acked(ACK_WAIT_S)
         self.report()
 
-    def report(self) -> None:
+    def report(self, positions: bool = False) -> None:
         """Metrics as deltas since the last report, and a status line for /health."""
         from ingestor import metrics as M
 
@@ -191,11 +307,14 @@ class SocketWorker:
                 self.totals.set(M.REJECTED.labels(w, m, reason), n)
             self.totals.set(M.BYTES.labels(w, m), h.bytes_in)
             self.totals.set(M.STALE.labels(w, m), h.stale)
-            for stream in ("aggTrade", "depth"):
+            for stream in {g.stream for g in h.gaps}:
                 n = sum(1 for g in h.gaps if g.stream == stream)
                 self.totals.set(M.GAPS.labels(w, m, stream), n)
             reconnects = sum(c.reconnects for c in self.conns if c.spec.market == m)
             self.totals.set(M.RECONNECTS.labels(w, m), reconnects)
+            self.totals.set(M.CONNECT_FAILURES.labels(w, m),
+                            sum(c.connect_failures for c in self.conns if c.spec.market == m))
+            self.totals.set(M.ROTATIONS.labels(w, m), sum(c.rotations for c in self.conns if c.spec.market == m))
             M.CONNECTED.labels(w, m).set(sum(len(c.spec.streams) for c in self.conns
                                              if c.spec.market == m and c.connected))
         for table, n in self.batcher.sent_rows.items():
@@ -216,17 +335,21 @@ class SocketWorker:
             "reconnects": sum(c.reconnects for c in self.conns),
             "rejected": sum(sum(h.rejected.values()) for h in self.handlers.values()),
             "gaps": sum(len(h.gaps) for h in self.handlers.values()),
-            "pending_rows": self.batcher.pending_rows(),
+            "pending_rows": self.batcher.pending_rows(), "unacked_batches": len(self.delivery.pending),
+            "rotations": sum(c.rotations for c in self.conns), "backfills_asked": self.backfills_asked,
+            **({"positions": self.safe_positions()} if positions else {}),
         })
 
 
 
 def main(settings: Settings, name: str, connections: list[Connection], symbols: dict[Market, list[str]],
-         link: WriterLink, status_queue: Any, stop_event: Any, feature_queue: Any = None) -> None:
+         link: WriterLink, status_queue: Any, stop_event: Any, feature_queue: Any = None,
+         request_queue: Any = None, positions: dict[Market, Positions] | None = None) -> None:
     """Process entry point (spawned by the supervisor)."""
 
     async def body(ctx: ChildContext) -> None:
-        await SocketWorker(ctx, connections, symbols, link, status_queue, feature_queue).run()
+        await SocketWorker(ctx, connections, symbols, link, status_queue, feature_queue, request_queue,
+                           positions).run()
         queues = (link.queue, feature_queue) if ctx.orphaned else ()
         ctx.release_queues(status_queue, *(q for q in queues if q is not None))
 
