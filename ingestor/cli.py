@@ -117,12 +117,14 @@ def migrate(ctx: click.Context, **flags: Any) -> None:
               "429/5xx/slow REST, killed workers, a database outage on the embedded server, rotation) and "
               "report what was lost and duplicated")
 @click.option("--seed", default=1, show_default=True, help="the chaos plan's seed")
+@click.option("--chaos-every", default=3.0, show_default=True, type=click.FloatRange(0.5),
+              help="mean seconds between two faults")
 @click.option("--n-symbols", default=3, show_default=True, type=click.IntRange(1, 200),
               help="symbols per market in the simulator")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object at the end, no progress lines")
 @click.pass_context
-def demo(ctx: click.Context, duration: float | None, chaos: bool, seed: int, n_symbols: int, as_json: bool,
-         **flags: Any) -> None:
+def demo(ctx: click.Context, duration: float | None, chaos: bool, seed: int, chaos_every: float, n_symbols: int,
+         as_json: bool, **flags: Any) -> None:
     """Run the simulator and the pipeline together, then compare stored rows with what was sent."""
     from dataclasses import replace
 
@@ -144,7 +146,7 @@ def demo(ctx: click.Context, duration: float | None, chaos: bool, seed: int, n_s
 
     try:
         result = uvloop.run(run_demo(settings, duration or (60.0 if chaos else 20.0), n_symbols, progress,
-                                     seed if chaos else None))
+                                     seed if chaos else None, chaos_every))
     except StartupError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:

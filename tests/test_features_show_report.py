@@ -220,8 +220,8 @@ def test_script_has_what_the_commands_must_show() -> None:
 
 # -- running the commands --------------------------------------------------------------------------
 
-async def ingestor(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTOR_")}
+async def ingestor(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("INGESTOR_")}, **(env or {})}
     proc = await asyncio.create_subprocess_exec(INGESTOR, *args, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE, env=env)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)

@@ -25,8 +25,8 @@ from ingestor.sim.server import Simulator
 
 log = logging.getLogger(__name__)
 
-# (kind, weight): how often each is drawn.
-MIX: tuple[tuple[str, float], ...] = (
+# (kind, how many of it in each round of the deck).
+MIX: tuple[tuple[str, int], ...] = (
     ("drop", 3), ("stall", 1), ("gap", 2), ("skip_trades", 2), ("malformed", 1), ("non_json", 1),
     ("unknown_event", 1), ("rest_429", 1), ("rest_5xx", 1), ("rest_slow", 1),
     ("kill_socket", 1), ("kill_writer", 1), ("kill_features", 1), ("kill_rest", 1), ("db_outage", 1),
@@ -45,17 +45,20 @@ class Chaos:
     injected: list[dict[str, Any]] = field(default_factory=list)
 
     async def run(self, duration_s: float) -> None:
-        """Inject one fault every ``period_s`` (jittered) until ``duration_s`` has passed."""
+        """Inject one fault every ``period_s`` (jittered) until ``duration_s`` has passed, in
+        a seeded order that goes through every kind each round (the database outage once)."""
         rng = random.Random(self.seed)
-        kinds = [k for k, _ in MIX if k != "db_outage" or self.db_stop is not None]
-        weights = [w for k, w in MIX if k in kinds]
+        # A shuffled deck rather than independent draws: every kind comes up once a round.
+        deck: list[str] = []
         t0 = time.monotonic()
         outage_done = False
         await asyncio.sleep(self.period_s)  # let everything connect first
         while time.monotonic() - t0 < duration_s - self.period_s:
-            kind = rng.choices(kinds, weights)[0]
-            if kind == "db_outage" and outage_done:
-                kind = "drop"
+            if not deck:
+                deck = [k for k, n in MIX for _ in range(n)
+                        if k != "db_outage" or (self.db_stop is not None and not outage_done)]
+                rng.shuffle(deck)
+            kind = deck.pop()
             market: Market = rng.choice(sorted(self.sim.markets))
             at = round(time.monotonic() - t0, 1)
             target = await self._inject(kind, market, rng)

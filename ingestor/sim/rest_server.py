@@ -89,6 +89,7 @@ class RestApi:
         self.snapshot_override = snapshot_override
         self.pending: list[Fault] = []  # REST faults with requests left to affect
         self.requests: dict[str, int] = {}
+        self.served: dict[str, int] = {}  # 200 replies: what a client can have stored
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
@@ -158,6 +159,8 @@ class RestApi:
         except ApiError as exc:
             return _json(orjson.dumps({"code": exc.code, "msg": exc.msg}), exc.status, headers)
         resp.headers.update(headers)
+        if resp.status == 200:
+            self.served[request.path] = self.served.get(request.path, 0) + 1
         return resp
 
     def _take_fault(self) -> Fault | None:

@@ -248,7 +248,8 @@ class Simulator:
                 "streams": {n: {"sent": c, "last_id": last} for n, (c, last) in rt.hub.sent.items()},
                 "skipped": dict(rt.hub.skipped),
                 "ws": rt.ws.stats(),
-                "rest": {"requests": dict(rt.rest.requests), "used_weight": rt.rest.budget.used,
+                "rest": {"requests": dict(rt.rest.requests), "served": dict(rt.rest.served),
+                         "used_weight": rt.rest.budget.used,
                          "rejected": dict(rt.rest.budget.counts)},
             }
         if self.replay:
