@@ -1,5 +1,5 @@
-"""``python -m benchmarks {sim,pipeline,book,features,feature_worker,all} [--quick] [--out DIR]``: run suites,
-write a report."""
+"""``python -m benchmarks {sim,pipeline,book,features,feature_worker,all,soak} [--quick] [--out DIR]``: run
+suites, write a report."""
 
 from __future__ import annotations
 
@@ -46,6 +46,13 @@ def _features(args: argparse.Namespace) -> dict[str, Any]:
     return features.run(args.quick)
 
 
+def _soak(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import soak
+
+    return soak.run(args.quick, minutes=getattr(args, "minutes", None), every=getattr(args, "every", None),
+                    seed=getattr(args, "seed", 1))
+
+
 def _feature_worker(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import feature_worker
 
@@ -60,6 +67,8 @@ SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "features": _features,
     "feature_worker": _feature_worker,
 }
+# Suites that take minutes by design: run on their own, never by ``all``.
+LONG_SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"soak": _soak}
 
 
 def _numbers(kind: type[Any]) -> Callable[[str], list[Any]]:
@@ -90,7 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="simulated seconds of diffs per sim payload (quick 60, full 300)")
     sub.add_parser("features", parents=[common], help="indicator cost per trade and per symbol-bar")
     sub.add_parser("feature_worker", parents=[common], help="feature worker vs the simulator's full firehose")
-    sub.add_parser("all", parents=[common], help="every suite")
+    soak = sub.add_parser("soak", parents=[common], help="minutes of the whole pipeline with faults throughout")
+    soak.add_argument("--minutes", type=float, default=None, help="how long (quick 2, full 10)")
+    soak.add_argument("--every", type=float, default=None, help="mean seconds between two faults (default 5)")
+    soak.add_argument("--seed", type=int, default=1, help="the fault plan's seed")
+    sub.add_parser("all", parents=[common], help="every suite but soak")
     return parser.parse_args(argv)
 
 
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         try:
-            result = SUITES[name](args)
+            result = {**SUITES, **LONG_SUITES}[name](args)
         except Exception:  # noqa: BLE001 - one failing suite must not lose the others
             failed = True
             result = {"suite": name, "metrics": [], "error": traceback.format_exc()}

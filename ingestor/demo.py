@@ -77,7 +77,7 @@ async def stored_rows(dsn: str, since_ms: int) -> tuple[dict[str, int], int]:
 
 async def run_demo(settings: Settings, duration_s: float, n_symbols: int,
                    progress: Callable[[str], None], chaos_seed: int | None = None,
-                   chaos_every_s: float = 3.0) -> dict[str, Any]:
+                   chaos_every_s: float = 3.0, watch: Callable[[Supervisor], None] | None = None) -> dict[str, Any]:
     # The demo owns the embedded server (when there is no DSN) so the tally can be read
     # after the pipeline has stopped: only then are the REST counts final.
     if settings.features and not any(p.startswith("bar_seconds=") for p in settings.feature_params):
@@ -94,7 +94,7 @@ async def run_demo(settings: Settings, duration_s: float, n_symbols: int,
         async with Simulator(config) as sim:
             return await _run(sim, replace(settings, dsn=dsn), duration_s, progress,
                               "embedded" if embedded is not None else mask_dsn(dsn), chaos_seed, embedded,
-                              chaos_every_s)
+                              chaos_every_s, watch)
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
@@ -102,7 +102,8 @@ async def run_demo(settings: Settings, duration_s: float, n_symbols: int,
 
 async def _run(sim: Simulator, settings: Settings, duration_s: float, progress: Callable[[str], None],
                shown_dsn: str, chaos_seed: int | None = None,
-               embedded: EmbeddedPostgres | None = None, chaos_every_s: float = 3.0) -> dict[str, Any]:
+               embedded: EmbeddedPostgres | None = None, chaos_every_s: float = 3.0,
+               watch: Callable[[Supervisor], None] | None = None) -> dict[str, Any]:
     u = sim.urls
     settings = replace(settings, spot_ws_url=u["spot_ws"], futures_ws_url=u["futures_ws"],
                        spot_rest_url=u["spot_rest"], futures_rest_url=u["futures_rest"],
@@ -125,6 +126,8 @@ async def _run(sim: Simulator, settings: Settings, duration_s: float, progress: 
         t0 = time.monotonic()
         while (elapsed := time.monotonic() - t0) < duration_s or (chaos_task and not chaos_task.done()):
             await asyncio.sleep(1.0)
+            if watch is not None:
+                watch(sup)
             _, health = sup.health()
             msgs = sum(w.get("messages", 0) for w in health["workers"].values())
             rows = sum(health["workers"].get("writer", {}).get("rows", {}).values())

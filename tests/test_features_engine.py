@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ingestor.features.engine import SYNCED, SYNCING, FeatureEngine, FeatureRow
+from ingestor.features.engine import DIFF_WAIT_MS, SYNCED, SYNCING, FeatureEngine, FeatureRow
 from ingestor.features.indicators import FEATURE_COLUMNS, FeatureSettings
 from ingestor.sim.offline import Item, generate
 
@@ -100,16 +100,31 @@ def test_spot_snapshot_exactly_before_the_next_diff_is_known() -> None:
     assert r.row["obi"] == pytest.approx((4 - 2) / 6)
 
 
-def test_a_quiet_book_gives_its_current_state_when_the_bar_closes() -> None:
+def test_a_quiet_book_gives_its_current_state_once_no_diff_can_still_come() -> None:
     eng = engine()
     eng.snapshot("futures", "X", 900, SNAP)
     eng.depth("futures", [A, B])
     eng.trades("futures", [trade(1200)])
-    eng.clock("futures", 3500)  # no diff past 2000 has come, and the book is synced: it is the book at 2000
+    eng.clock("futures", 3500)  # the bar closes; a diff before its end may still be on its way
+    assert not rows(eng)
+    eng.clock("futures", 2000 + 1500 + DIFF_WAIT_MS)  # none came: the book now is the book at 2000
     (r,) = rows(eng)
     assert r.row["obi"] == pytest.approx(0.6)
-    eng.depth("futures", [diff(111, 112, 110, 1950, a=[("10.1", "9")])])  # later than the close: not counted
+    eng.depth("futures", [diff(111, 112, 110, 1950, a=[("10.1", "9")])])  # later than that: not counted
     assert not eng.outbox.rows
+
+
+def test_a_diff_trailing_the_trades_past_the_close_still_counts() -> None:
+    # Live, the diffs can come on another connection and through another worker than the
+    # trades: the bar's book is the book at its end in exchange time all the same.
+    eng = engine()
+    eng.snapshot("futures", "X", 900, SNAP)
+    eng.depth("futures", [A, B])
+    eng.trades("futures", [trade(1200), trade(3600, a=2)])  # the bar closes by trade time
+    assert not rows(eng)
+    eng.depth("futures", [diff(111, 112, 110, 1950, a=[("10.1", "9")]), diff(113, 114, 112, 2050)])
+    (r,) = rows(eng)
+    assert r.row["obi"] == pytest.approx((3 + 5 - 9 - 1) / (3 + 5 + 9 + 1))
 
 
 def test_gap_resyncs_records_the_hole_and_leaves_bars_across_it_unknown() -> None:

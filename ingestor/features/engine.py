@@ -18,10 +18,12 @@ The rows depend on what the messages say, not on when they arrived:
   with trades. The first diff applied after a (re)sync cuts nothing but "unknown" for
   the ends it passes (the snapshot may postdate them), unless it follows the snapshot
   exactly (``U`` is its ``lastUpdateId + 1``, or on USD-M ``pu`` is its ``lastUpdateId``);
-- a bar that closes before any diff has passed its end takes the current book when the
-  book is synced and has applied a diff since its snapshot (no later diff has come, so
-  the current book *is* the book at the end); while a snapshot is awaited the bar waits
-  (at most ``max_book_wait_ms`` of clock), since the buffered diffs will decide it;
+- a bar that closes before any diff has passed its end waits ``DIFF_WAIT_MS`` more for
+  one (live, a diff can trail the trades: another connection, another worker); then it
+  takes the current book when the book is synced and has applied a diff since its
+  snapshot (no later diff has come, so the current book *is* the book at the end); while
+  a snapshot is awaited the bar waits (at most ``max_book_wait_ms`` of clock), since the
+  buffered diffs will decide it;
 - books are built only from snapshots the caller offers, and ``accept_snapshot`` lets a
   replay build them from exactly the snapshots the live worker used (``book_syncs``).
 
@@ -53,6 +55,7 @@ RECENT_DIFFS = 32
 MAX_PENDING_CHECKS = 2  # snapshots ahead of the book kept for a check
 REQUEST_TIMEOUT_MS = 30_000  # ask again for a snapshot that has not come by then
 MAX_BOOK_WAIT_MS = 15_000  # a bar waits this long past its close for a syncing book
+DIFF_WAIT_MS = 2_000  # a bar waits this long past its close for a diff past its end
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +400,8 @@ class SymbolState:
                 view = cuts.popleft()[1]
             elif end <= self.decided_end:
                 view = None  # decided before this symbol's first bar: cannot happen, but safe
-            elif self.status == SYNCED and not self.fresh:
+            elif self.status == SYNCED and not self.fresh and (
+                    eng.now(self.market) - end >= eng.settings.bar_close_delay_ms + DIFF_WAIT_MS):
                 view = self._view()  # no diff past the end has come: the book now is the book then
                 self.decided_end = end
             elif eng.now(self.market) - end >= eng.max_book_wait_ms + eng.settings.bar_close_delay_ms:

@@ -11,8 +11,9 @@ from; the book's deeper levels depend on that choice, so the replay builds from 
 ones: for its start, the newest recorded sync at or before ``--from`` (if recent), else the
 newest stored snapshot before it; afterwards, when a gap or a drift makes the engine
 rebuild a book, the snapshot the live worker used next. Past the last recorded one, any
-stored snapshot will do. Diffs are read from the start snapshot on, trades and
-liquidations from ``--from``.
+stored snapshot will do. Diffs are read from the start snapshot on (and, up to
+``DIFF_LOOKBACK_MS`` before it, those it does not hold), trades and liquidations from
+``--from``.
 
 Replaying the range the live worker covered from its first bar gives its rows exactly
 (tested); a replay that starts later differs where the indicators reach back before its
@@ -37,6 +38,10 @@ from ingestor.features.indicators import FeatureSettings
 
 RECORDED_LOOKBACK_MS = 10 * 60_000  # a recorded start sync older than this: use a newer snapshot
 SNAPSHOT_LOOKBACK_MS = 60 * 60_000  # how far back to look for a snapshot to start from
+# A snapshot is stored under the time it was fetched (spot's carries none), diffs under the
+# exchange's event time: a diff the snapshot does not hold can carry an earlier time (the
+# clocks differ, the stream lags). The live worker got it after the snapshot all the same.
+DIFF_LOOKBACK_MS = 30_000
 SLICE_MS = 250  # must stay well below the close delay (see the module docstring)
 CHUNK_MS = 10_000
 MAX_CHUNK_ROWS = 200_000
@@ -236,6 +241,8 @@ async def replay(
     # Enough after the last bar to close it and read the book at its end.
     tail = settings.bar_close_delay_ms + 3000
     a = stats.load_from_ms = min(plan.load_from(m, computed) for m in markets)
+    early = {m: [ev for ev in await rd.depth(a - DIFF_LOOKBACK_MS, a) if ev["u"] > plan.start.get(
+        (m, ev["s"]), (0, 2**63))[1]] for m, rd in readers.items()}
     chunk = CHUNK_MS
     last_progress = 0.0
     while a < end + tail:
@@ -243,7 +250,7 @@ async def replay(
         fetched = 0
         data: dict[Market, tuple[list[Any], list[Any], list[Any], list[Any]]] = {}
         for m, rd in readers.items():
-            depth = await rd.depth(a, b)
+            depth = early.pop(m, []) + await rd.depth(a, b)
             snaps = await rd.snapshots(a, b)
             live = b > computed  # trades and liquidations before the first bar are not needed
             trades = await rd.trades(max(a, computed), b) if live else []

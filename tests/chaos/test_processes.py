@@ -40,11 +40,15 @@ async def test_feature_worker_killed_resyncs_and_its_missed_bars_are_recomputed(
         await restarted(pipe, "features", pid)
         await asyncio.sleep(3.0)  # a few bars are missed while it comes back
 
+        recomputed: dict[str, dict[str, int]] = {}
+
         def filled(body: dict[str, object]) -> bool:
             done = body["workers"]["features"].get("recomputed", {})  # type: ignore[index]
+            recomputed.update(done)
             return len(done) == 2 and all(v["ok"] for v in done.values())
 
         await pipe.wait_health(200, timeout=40, check=filled)
+        await asyncio.sleep(2.0)  # a bar or two from the new worker
         assert await pipe.stop() == 0
     finally:
         await pipe.kill()
@@ -64,7 +68,10 @@ async def test_feature_worker_killed_resyncs_and_its_missed_bars_are_recomputed(
         # bars, the recomputed ones, the new worker's.
         steps = {b - a for a, b in zip(times, times[1:], strict=False)}
         assert steps == {timedelta(seconds=1)}, (key, sorted(steps))
-        assert len(times) >= 6
+        span = recomputed[key[0]]
+        assert span["to_ms"] > span["from_ms"], span  # bars were missed, and recomputed
+        ms = [int(t.timestamp() * 1000) for t in times]
+        assert ms[0] < span["from_ms"] and ms[-1] >= span["to_ms"], (key, span, ms)
 
 
 @pytest.mark.parametrize("sim", [SimConfig(n_symbols=3, seed=42, record=True, model=ModelParams(rate=3000))],
