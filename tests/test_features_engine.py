@@ -299,3 +299,14 @@ def test_usdm_event_right_after_the_snapshot_makes_its_book_known() -> None:
     eng.trades("futures", [trade(1200), trade(3600, a=2)])
     (r,) = rows(eng)
     assert r.row["obi"] == pytest.approx(0.6)
+
+
+def test_a_start_margin_moves_the_first_bar_clear_of_the_first_event() -> None:
+    # A worker replacing a dead one: its first event at 1200 may belong to a bar whose other
+    # events its predecessor took, so with a 4.5 s margin bars start at 6000, not 2000.
+    eng = FeatureEngine(S, TICKS, start_margin_ms=4500)  # type: ignore[arg-type]
+    eng.trades("futures", [trade(1200)])
+    assert eng.start_ms["futures"] == 6000
+    plain = FeatureEngine(S, TICKS)  # type: ignore[arg-type]
+    plain.trades("futures", [trade(1200)])
+    assert plain.start_ms["futures"] == 2000

@@ -445,8 +445,14 @@ class FeatureEngine:
         start_ms: dict[Market, int] | None = None,
         accept_snapshot: AcceptSnapshot = _accept_any,
         max_book_wait_ms: int = MAX_BOOK_WAIT_MS,
+        start_margin_ms: int = 0,
     ) -> None:
         self.settings = settings
+        # Added to the first event's time before its bar boundary is taken. A worker that
+        # replaces a dead one sets it: events of the bars around its first one may have gone
+        # to its predecessor (the feeds of a market come over several connections, skewed),
+        # so it starts clear of them and the bars in between are recomputed from storage.
+        self.start_margin_ms = start_margin_ms
         self.tick_sizes = dict(tick_sizes)
         self.snapshot_limit = snapshot_limit
         self.accept_snapshot = accept_snapshot
@@ -466,7 +472,9 @@ class FeatureEngine:
     # -- time -------------------------------------------------------------------------------
 
     def set_start(self, market: Market, ms: int) -> None:
-        """Bars of ``market`` start at the first bar boundary at or after ``ms``."""
+        """Bars of ``market`` start at the first bar boundary at or after ``ms`` (plus the
+        start margin)."""
+        ms += self.start_margin_ms
         self.start_ms[market] = -(-ms // self.bar_ms) * self.bar_ms
 
     def first_end(self, market: Market) -> int:

@@ -30,7 +30,7 @@ import orjson
 from ingestor.binance import rows
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
-from ingestor.features.engine import FeatureEngine, Outbox
+from ingestor.features.engine import DIFF_WAIT_MS, FeatureEngine, Outbox
 from ingestor.features.feed import DRAIN, Feed, Snapshot, SnapshotRequest
 from ingestor.workers.batching import Batcher
 from ingestor.workers.child import ChildContext, run_child
@@ -56,7 +56,10 @@ class FeatureWorker:
         self.ctx = ctx
         s = self.settings = ctx.settings
         self.fs = s.feature_settings()
-        self.engine = FeatureEngine(self.fs, tick_sizes, snapshot_limit=s.snapshot_limit)
+        # After a crash the first bar starts a trailing allowance and a bar past the first
+        # event, so it holds nothing the predecessor took; the bars before it are recomputed.
+        margin = self.fs.bar_close_delay_ms + DIFF_WAIT_MS + self.fs.bar_seconds * 1000 if after_crash else 0
+        self.engine = FeatureEngine(self.fs, tick_sizes, snapshot_limit=s.snapshot_limit, start_margin_ms=margin)
         self.in_queue = in_queue
         self.request_queue = request_queue
         self.status_queue = status_queue
