@@ -263,7 +263,9 @@ class Supervisor:
                 elif proc is None and now >= child.next_start:
                     child.restarts += 1
                     if child.kind == "features":
-                        child.args = (*child.args[:8], True)  # it fills the bars its predecessor missed
+                        # It fills the bars its predecessor missed, from the first one the
+                        # chain of dead workers owes.
+                        child.args = (*child.args[:8], dict((child.status or {}).get("bar_starts") or {}))
                     if child.kind == "socket" and child.positions:
                         # The new worker carries on from the sequences its predecessor last
                         # reported, so it sees (and has backfilled) what the death lost.

@@ -36,8 +36,10 @@ class Span:
     to_ms: int  # the first bar of the new worker
 
 
-async def missed_span(dsn: str, market: Market, bar_seconds: int, first_bar_ms: int) -> Span | None:
-    """The bars between the last stored one (if recent) and ``first_bar_ms``."""
+async def missed_span(dsn: str, market: Market, bar_seconds: int, first_bar_ms: int,
+                      owed_from_ms: int | None = None) -> Span | None:
+    """The bars between the last stored one (if recent) and ``first_bar_ms``; with none
+    stored, from ``owed_from_ms`` (the dead predecessors' first bar), if known."""
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         last = await conn.fetchval(
@@ -45,9 +47,12 @@ async def missed_span(dsn: str, market: Market, bar_seconds: int, first_bar_ms: 
                AND bar_time >= $4""", market, bar_seconds, _dt(first_bar_ms), _dt(first_bar_ms - RECENT_MS))
     finally:
         await conn.close()
-    if last is None:
+    if last is not None:
+        from_ms = int(last.timestamp() * 1000) + bar_seconds * 1000
+    elif owed_from_ms is not None and first_bar_ms - owed_from_ms <= RECENT_MS:
+        from_ms = owed_from_ms
+    else:
         return None
-    from_ms = int(last.timestamp() * 1000) + bar_seconds * 1000
     return Span(market, from_ms, first_bar_ms) if from_ms < first_bar_ms else None
 
 

@@ -52,7 +52,10 @@ _BAD_EVENT = (KeyError, TypeError, ValueError, IndexError, AttributeError)
 class FeatureWorker:
     def __init__(self, ctx: ChildContext, tick_sizes: dict[tuple[Market, str], float], in_queue: Any,
                  link: WriterLink, request_queue: Any, status_queue: Any, dsn: str | None = None,
-                 after_crash: bool = False) -> None:
+                 predecessor: dict[str, int] | None = None) -> None:
+        """``predecessor``: for a worker started in place of a dead one, the first bar (ms)
+        per market of the chain of workers before it; ``None`` for the first worker."""
+        after_crash = predecessor is not None
         self.ctx = ctx
         s = self.settings = ctx.settings
         self.fs = s.feature_settings()
@@ -72,6 +75,9 @@ class FeatureWorker:
         self.rejected: dict[tuple[Market, str], int] = {}
         self.items = 0
         self.dsn = dsn if after_crash else None  # only a worker that replaces a dead one has bars to fill
+        # Where the bars owed by this chain of workers start: a predecessor that died before
+        # any of its rows were stored leaves no trace in the table, only here.
+        self.owed_from: dict[str, int] = dict(predecessor or {})
         self.recomputing: dict[Market, asyncio.Task[None]] = {}  # per market, the fill of missed bars
         self.recomputed: dict[str, Any] = {}
         self.start_syncs = 0  # books built from their first snapshot, not yet logged
@@ -225,7 +231,8 @@ class FeatureWorker:
         from ingestor.features.recompute import missed_span, recompute
 
         try:
-            span = await missed_span(self.dsn or "", market, self.fs.bar_seconds, first_bar_ms)
+            span = await missed_span(self.dsn or "", market, self.fs.bar_seconds, first_bar_ms,
+                                     self.owed_from.get(market))
             if span is None:  # the predecessor's last bar ends where this worker's first begins
                 self.recomputed[market] = {"from_ms": first_bar_ms, "to_ms": first_bar_ms, "ok": True}
             else:
@@ -295,15 +302,18 @@ class FeatureWorker:
             "worker": w, "kind": "features", "time": wall, "markets": markets, "queue_depth": depth,
             "waiting_bars": eng.waiting_bars(), "rejected": sum(self.rejected.values()),
             "recomputed": self.recomputed,
+            # The supervisor hands this to the next worker if this one dies: the bars are
+            # owed from the chain's first bar until this worker's have been stored.
+            "bar_starts": {m: self.owed_from.get(m, ms) for m, ms in eng.start_ms.items()},
             "pending_rows": self.batcher.pending_rows(),
         })
 
 
 def main(settings: Settings, name: str, tick_sizes: dict[tuple[Market, str], float], in_queue: Any,
          link: WriterLink, request_queue: Any, status_queue: Any, dsn: str | None = None,
-         after_crash: bool = False) -> None:
+         predecessor: dict[str, int] | None = None) -> None:
     async def body(ctx: ChildContext) -> None:
-        await FeatureWorker(ctx, tick_sizes, in_queue, link, request_queue, status_queue, dsn, after_crash).run()
+        await FeatureWorker(ctx, tick_sizes, in_queue, link, request_queue, status_queue, dsn, predecessor).run()
         ctx.release_queues(status_queue, request_queue, *((link.queue,) if ctx.orphaned else ()))
 
     # Like the writer, it takes no stop event: it stops on DRAIN, after the producers.

@@ -7,6 +7,7 @@ import asyncio
 import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -34,8 +35,11 @@ async def test_feature_worker_killed_resyncs_and_its_missed_bars_are_recomputed(
     pipe = await Pipeline(["--dsn", system_db, "--batch-age-ms", "100", "--snapshot-interval-s", "2",
                            "--feature-params", "bar_seconds=1,window=4", *sim_flags(sim)]).start()
     try:
-        await pipe.wait_health(200, check=lambda b: all(
-            m["bars"] >= 3 for m in b["workers"]["features"].get("markets", {"x": {"bars": 0}}).values()))
+        def both_markets_have_bars(b: dict[str, Any]) -> bool:
+            markets = b["workers"]["features"].get("markets", {})
+            return len(markets) == 2 and all(m["bars"] >= 3 for m in markets.values())
+
+        await pipe.wait_health(200, check=both_markets_have_bars)
         pid = await kill_when(pipe, "features", signal.SIGKILL)
         await restarted(pipe, "features", pid)
         await asyncio.sleep(3.0)  # a few bars are missed while it comes back
@@ -69,8 +73,9 @@ async def test_feature_worker_killed_resyncs_and_its_missed_bars_are_recomputed(
         steps = {b - a for a, b in zip(times, times[1:], strict=False)}
         assert steps == {timedelta(seconds=1)}, (key, sorted(steps))
         span = recomputed[key[0]]
-        assert span["to_ms"] > span["from_ms"], span  # bars were missed, and recomputed
         ms = [int(t.timestamp() * 1000) for t in times]
+        features_log = [ln for ln in pipe.log if "features" in ln][-30:]
+        assert span["to_ms"] > span["from_ms"], (key, span, ms, features_log)  # bars were missed, and recomputed
         assert ms[0] < span["from_ms"] and ms[-1] >= span["to_ms"], (key, span, ms)
 
 
