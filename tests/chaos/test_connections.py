@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import asyncpg
@@ -20,19 +19,11 @@ from ingestor.sim.model import ModelParams
 from ingestor.sim.server import SimConfig, Simulator
 
 from ..conftest import post_json
-from ..databases import SYSTEM_PG, create_database, drop_database
 from ..pipeline import Pipeline, sim_flags, wait_until
 from .helpers import assert_nothing_lost_or_duplicated, finish, kill_when, restarted
 
 FAST = ["--batch-age-ms", "100", "--snapshot-interval-s", "2", "--open-interest-interval-s", "2"]
 BUSY = ModelParams(cascade_every_s=3.0)  # liquidations in a short run
-
-
-@pytest.fixture
-async def system_db() -> AsyncIterator[str]:
-    dsn = await create_database(SYSTEM_PG)
-    yield dsn
-    await drop_database(SYSTEM_PG, dsn)
 
 
 def assert_trades_whole_and_other_losses_recorded(result: object) -> dict[str, object]:

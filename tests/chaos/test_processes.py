@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -17,16 +16,8 @@ from ingestor.sim.model import ModelParams
 from ingestor.sim.server import SimConfig, Simulator
 
 from ..conftest import post_json
-from ..databases import SYSTEM_PG, create_database, drop_database
 from ..pipeline import Pipeline, sim_flags
 from .helpers import kill_when, restarted
-
-
-@pytest.fixture
-async def system_db() -> AsyncIterator[str]:
-    dsn = await create_database(SYSTEM_PG)
-    yield dsn
-    await drop_database(SYSTEM_PG, dsn)
 
 
 @pytest.mark.parametrize("sim", [SimConfig(n_symbols=2, seed=41, record=True)], indirect=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,12 @@ import pytest
 from ingestor.db.embedded import EmbeddedPostgres
 from ingestor.sim.server import SimConfig, Simulator
 
-from ..databases import SYSTEM_PG, create_database, drop_database
 from ..pipeline import Pipeline, sim_flags, wait_until
 from ..test_pipeline_processes import samples
 from .helpers import assert_nothing_lost_or_duplicated, finish, kill_when, restarted
 
 FAST = ["--batch-age-ms", "100", "--snapshot-interval-s", "0", "--open-interest-interval-s", "0",
         "--features", "false"]
-
-
-@pytest.fixture
-async def system_db() -> AsyncIterator[str]:
-    dsn = await create_database(SYSTEM_PG)
-    yield dsn
-    await drop_database(SYSTEM_PG, dsn)
 
 
 @pytest.mark.parametrize("sim", [SimConfig(n_symbols=3, seed=21, record=True)], indirect=True)
