@@ -12,27 +12,32 @@ import orjson
 
 from .test_features_show_report import ingestor
 
-NOW = datetime.now(UTC).replace(microsecond=0)
-GAPS = [
-    # market, symbol, stream, from_id, to_id, from_time, to_time, detected_at, closed_how, closed_rows
-    ("spot", "BTCUSDT", "aggTrade", 101, 150, None, None, NOW - timedelta(hours=3), "backfilled", 50),
-    ("futures", "BTCUSDT", "book", 7001, 7004, None, None, NOW - timedelta(hours=2), "resynced", None),
-    ("futures", "ETHUSDT", "depth", 900, 909, None, None, NOW - timedelta(minutes=30), "unrecoverable", None),
-    ("futures", "*", "markPrice", None, None, NOW - timedelta(minutes=10, seconds=4),
-     NOW - timedelta(minutes=10), NOW - timedelta(minutes=10), "unrecoverable", None),
-    ("futures", "ETHUSDT", "aggTrade", 5000, 5001, None, None, NOW - timedelta(minutes=1), "open", None),
-    ("spot", "ETHUSDT", "aggTrade", 1, 9, None, None, NOW - timedelta(days=3), "backfilled", 9),  # too old
-]
+
+def _gaps(now: datetime) -> list[tuple[object, ...]]:
+    """The rows, dated back from ``now`` (taken when the test runs, not when it is collected:
+    the filters below are relative to the clock)."""
+    return [
+        # market, symbol, stream, from_id, to_id, from_time, to_time, detected_at, closed_how, closed_rows
+        ("spot", "BTCUSDT", "aggTrade", 101, 150, None, None, now - timedelta(hours=3), "backfilled", 50),
+        ("futures", "BTCUSDT", "book", 7001, 7004, None, None, now - timedelta(hours=2), "resynced", None),
+        ("futures", "ETHUSDT", "depth", 900, 909, None, None, now - timedelta(minutes=30), "unrecoverable", None),
+        ("futures", "*", "markPrice", None, None, now - timedelta(minutes=10, seconds=4),
+         now - timedelta(minutes=10), now - timedelta(minutes=10), "unrecoverable", None),
+        ("futures", "ETHUSDT", "aggTrade", 5000, 5001, None, None, now - timedelta(minutes=1), "open", None),
+        ("spot", "ETHUSDT", "aggTrade", 1, 9, None, None, now - timedelta(days=3), "backfilled", 9),  # too old
+    ]
 
 
 async def _insert(dsn: str) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
     conn = await asyncpg.connect(dsn)
     try:
         await conn.executemany(
             """INSERT INTO stream_gaps (market, symbol, stream, from_id, to_id, from_time, to_time, detected_at,
                                         closed_how, closed_rows, closed_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                       CASE WHEN $9::text = 'open' THEN NULL ELSE $8::timestamptz + interval '2 seconds' END)""", GAPS)
+                       CASE WHEN $9::text = 'open' THEN NULL ELSE $8::timestamptz + interval '2 seconds' END)""",
+            _gaps(now))
     finally:
         await conn.close()
 
@@ -71,7 +76,7 @@ async def test_gaps_filters_by_time_market_symbol_and_open(db_dsn: str) -> None:
     assert {r["market"] for r in spot} == {"spot"} and len(spot) == 2
     # A symbol filter keeps the gaps of all-market streams (symbol '*'): they concern it too.
     eth = await _json(db_dsn, "--symbols", "ETHUSDT", "--markets", "futures")
-    assert sorted(r["stream"] for r in eth) == ["aggTrade", "depth", "markPrice"]
+    assert sorted(str(r["stream"]) for r in eth) == ["aggTrade", "depth", "markPrice"]
     (still_open,) = await _json(db_dsn, "--open")
     assert (still_open["symbol"], still_open["from_id"], still_open["to_id"]) == ("ETHUSDT", 5000, 5001)
     assert still_open["closed_at"] is None
