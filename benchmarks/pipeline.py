@@ -88,12 +88,27 @@ def sim_rate(target: float, n_symbols: int) -> float:
     return max(1.0, (target - n_symbols * DEPTH_MSGS_PER_SYMBOL) / 2)
 
 
-def simulator_cmd(target: float, n_symbols: int) -> list[str]:
+@dataclass(frozen=True)
+class TapePlan:
+    """Play a recording instead of the live model (``simulate --tape-seconds``): one tape,
+    recorded at ``peak`` msgs/s for ``seconds`` model seconds and cached in ``cache``,
+    serves every level at or below the peak (played slower, it lasts longer)."""
+
+    peak: float
+    seconds: float
+    cache: Path
+
+
+def simulator_cmd(target: float, n_symbols: int, tape: TapePlan | None = None) -> list[str]:
     # Panic regimes (x4 orders at random times) would make the offered rate depend on
     # when the window falls; liquidation cascades stay on (small bursts, as in life).
-    return [sys.executable, "-m", "ingestor.cli", "--log-level", "WARNING", "simulate",
-            "--markets", "spot,futures", "--n-symbols", str(n_symbols),
-            "--rate", f"{sim_rate(target, n_symbols):g}", "--seed", str(SEED), "--panic-every", "1000000"]
+    cmd = [sys.executable, "-m", "ingestor.cli", "--log-level", "WARNING", "simulate",
+           "--markets", "spot,futures", "--n-symbols", str(n_symbols),
+           "--rate", f"{sim_rate(target if tape is None else tape.peak, n_symbols):g}", "--seed", str(SEED),
+           "--panic-every", "1000000"]
+    if tape is not None:
+        cmd += ["--tape-seconds", f"{tape.seconds:g}", "--tape-rate", f"{target:g}", "--tape-cache", str(tape.cache)]
+    return cmd
 
 
 def ingestor_cmd(dsn: str, shards: int, urls: dict[str, str], http_port: int,
@@ -351,20 +366,22 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> dict[int, fl
 
 
 async def run_level(shards: int, target: float, n_symbols: int, warmup: float, window: float,
-                    ingestor_args: tuple[str, ...] = ()) -> dict[str, Any]:
+                    ingestor_args: tuple[str, ...] = (), tape: TapePlan | None = None) -> dict[str, Any]:
     """One fresh simulator + ingestor + database at one offered rate; see the module doc.
-    ``ingestor_args``: extra ``ingestor run`` flags (e.g. feature parameters)."""
+    ``ingestor_args``: extra ``ingestor run`` flags (e.g. feature parameters); ``tape``: the
+    simulator plays a recording (rates beyond what its live model generates)."""
     db = f"bench_pipeline_{os.getpid()}_{shards}_{int(target)}"
     dsn = f"{PG_ROOT}/{db}"
     await pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
     await pg_exec(f"CREATE DATABASE {db}")
-    sim = Service("simulator", simulator_cmd(target, n_symbols), read_stdout=True)
+    sim = Service("simulator", simulator_cmd(target, n_symbols, tape), read_stdout=True)
     ingestor: Service | None = None
     result: dict[str, Any] = {"shards": shards, "target": target, "sim_rate": sim_rate(target, n_symbols),
                               "n_symbols": n_symbols, "error": None}
     try:
         sim.start()
-        urls = orjson.loads(sim.first_line(30.0))
+        # A tape not in the cache yet is recorded before the simulator answers.
+        urls = orjson.loads(sim.first_line(30.0 if tape is None else 600.0))
         http_port = free_port()
         ingestor = Service("ingestor", ingestor_cmd(dsn, shards, urls, http_port, ingestor_args))
         base = f"http://127.0.0.1:{http_port}"
@@ -395,6 +412,8 @@ async def run_level(shards: int, target: float, n_symbols: int, warmup: float, w
                 result["ingestor_stderr_tail"] = ingestor.stderr_tail()
         result["sim_exit_code"] = sim.stop(30.0)
         await pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    if result.get("tape_ran_out") and result["error"] is None:
+        result["error"] = "the simulator's tape ran out inside the window (record a longer one)"
     result["passed"] = bool(result["error"] is None and result.get("missing") == 0 and result.get("duplicates") == 0
                             and result.get("drain_s") is not None and result["drain_s"] <= DRAIN_OK_S
                             and not any(result.get("restarts", {}).values()))
@@ -454,6 +473,8 @@ async def measure(http: Any, admin: str, base: str, supervisor: int, sim_pid: in
         "model_lag_ms": [st0.get("model_lag_ms"), st1.get("model_lag_ms")],
         "regime": sorted({m["regime"] for s in (st0, st1) for m in s["markets"].values()}),
         "slow_consumer_closed": sum(m["ws"].get("slow_consumer_closed_total", 0) for m in st1["markets"].values()),
+        # A tape that ran out inside the window offered less than the level: not a measurement.
+        "tape_ran_out": any(m.get("tape", {}).get("finished") for m in st1["markets"].values()),
         # The feature worker: its status at both ends, and trades + diffs processed per second
         # (from its once-a-second report, so within a second at each end).
         "features_start": feature_status(health0),

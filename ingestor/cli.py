@@ -347,13 +347,25 @@ def report(ctx: click.Context, symbol: str, start: int, end: int, out: Path, mar
               help="mean seconds between liquidation cascades per symbol (futures)")
 @click.option("--max-lifetime", default=86400.0, show_default=True, type=click.FloatRange(0.1),
               help="seconds before the server closes a connection (Binance: 24 h)")
+@click.option("--tape-seconds", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="record this many model seconds ahead (at --rate) and play the recording instead of "
+                   "stepping the model live: rates one core could not generate (0: live model)")
+@click.option("--tape-rate", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="with --tape-seconds: play at this many msgs/s over all markets (0: as recorded)")
+@click.option("--tape-cache", default=None, type=click.Path(file_okay=False),
+              help="with --tape-seconds: directory where recordings are kept and reused")
 def simulate(host: str, port: int, markets: str, symbols: str | None, n_symbols: int, rate: float,
              seed: int, workers: int, faults: str, replay: tuple[str, ...], speed: float,
-             panic_every: float, cascade_every: float, max_lifetime: float) -> None:
+             panic_every: float, cascade_every: float, max_lifetime: float, tape_seconds: float,
+             tape_rate: float, tape_cache: str | None) -> None:
     """Serve Binance's WebSocket and REST protocols on loopback.
 
     Prints one JSON line with the base URLs when ready; runs until SIGINT/SIGTERM.
     """
+    if tape_seconds and (replay or workers > 1):
+        raise click.UsageError("--tape-seconds plays the model's own recording: not with --replay or --workers")
+    if tape_rate and not tape_seconds:
+        raise click.UsageError("--tape-rate needs --tape-seconds")
     from dataclasses import replace
 
     from ingestor.binance.streams import DEFAULT_LIMITS
@@ -368,7 +380,8 @@ def simulate(host: str, port: int, markets: str, symbols: str | None, n_symbols:
     params = ModelParams(rate=rate, panic_every_s=panic_every, cascade_every_s=cascade_every)
     config = SimConfig(host=host, port=port, markets=_markets(markets), symbols=sym,
                        n_symbols=n_symbols, seed=seed, model=params, limits=limits,
-                       faults=fault_list, replay=replay, speed=speed, reuse_port=workers > 1)
+                       faults=fault_list, replay=replay, speed=speed, reuse_port=workers > 1,
+                       tape_seconds=tape_seconds, tape_rate=tape_rate, tape_cache=tape_cache)
     import uvloop
 
     from ingestor.sim.run import run_simulator

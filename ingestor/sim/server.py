@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from ingestor.sim.hub import Hub
 from ingestor.sim.model import STEP_MS, MarketModel, ModelParams
 from ingestor.sim.replay import Replay
 from ingestor.sim.rest_server import RestApi, WeightBudget
+from ingestor.sim.tape import MarketTape, TapeClock, TapeMarket, load_or_record
 from ingestor.sim.universe import build_universe
 from ingestor.sim.ws_server import WsServer
 
@@ -52,6 +54,13 @@ class SimConfig:
     ws_only: bool = False  # extra --workers processes serve WebSocket only
     ws_ports: dict[Market, int] | None = None  # set for those extra processes
     record: bool = False  # keep every delivered payload (Hub.record), for exact comparisons
+    # A pre-recorded market (ingestor/sim/tape.py) instead of the live model: model seconds
+    # to record (0: live model), the offered rate in msgs/s over both markets (0: as
+    # recorded), where recordings are cached, and the depth speed each market records.
+    tape_seconds: float = 0.0
+    tape_rate: float = 0.0
+    tape_cache: str | None = None
+    tape_depth_speeds: dict[Market, str] = field(default_factory=lambda: {"spot": "100ms", "futures": "500ms"})
 
 
 @dataclass
@@ -91,6 +100,7 @@ class Simulator:
         self.started_at = time.monotonic()
         start_ms = start_ms if start_ms is not None else int(time.time() * 1000)
         markets = self.replay.markets if self.replay else cfg.markets
+        tapes = self._tapes(markets) if cfg.tape_seconds else {}
         for i, market in enumerate(MARKETS):
             if market not in markets:
                 continue
@@ -98,8 +108,12 @@ class Simulator:
                 universe = self.replay.universe(market)
             else:
                 universe = build_universe(cfg.symbols, cfg.n_symbols)
-            model = MarketModel(market, universe, cfg.seed, cfg.model, start_ms)
             hub = Hub(market, record=self.config.record)
+            if market in tapes:
+                model: MarketModel = TapeMarket(tapes[market], universe, cfg.seed, cfg.model, self.tape_clock,
+                                                partial(bool, hub.subs), start_ms)
+            else:
+                model = MarketModel(market, universe, cfg.seed, cfg.model, start_ms)
             model.wants, model.emit = hub.wants, hub.emit
             ws = WsServer(hub, cfg.limits[market], self._extra_streams(market))
             budget = WeightBudget(cfg.weight_limit[market], ban_s=cfg.ban_s)
@@ -123,6 +137,19 @@ class Simulator:
             self._spawn(self._clock())
         for fault in cfg.faults:
             self._spawn(self._scheduled(fault))
+
+    def _tapes(self, markets: tuple[Market, ...]) -> dict[Market, MarketTape]:
+        cfg = self.config
+        universe = build_universe(cfg.symbols, cfg.n_symbols)
+        tapes = load_or_record(markets, universe, cfg.seed, cfg.model, cfg.tape_seconds, cfg.tape_depth_speeds,
+                               Path(cfg.tape_cache) if cfg.tape_cache else None)
+        recorded = sum(t.rate for t in tapes.values())
+        # One speed for every market, so their event times stay aligned with each other.
+        speed = cfg.tape_rate / recorded if cfg.tape_rate and recorded else 1.0
+        self.tape_clock = TapeClock({m: speed for m in tapes})
+        log.info("tape: %s msgs/s recorded, played at x%.3f (%s msgs/s) for %.1f s", f"{recorded:,.0f}", speed,
+                 f"{recorded * speed:,.0f}", cfg.tape_seconds / speed)
+        return tapes
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -252,6 +279,8 @@ class Simulator:
                          "used_weight": rt.rest.budget.used,
                          "rejected": dict(rt.rest.budget.counts)},
             }
+            if isinstance(rt.model, TapeMarket):
+                out["markets"][market]["tape"] = rt.model.stats()
         if self.replay:
             out["replay"] = self.replay.stats()
         return out
