@@ -31,7 +31,8 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
     shards = getattr(args, "shards", None)
     levels = getattr(args, "levels", None)
     return pipeline.run(args.quick, shards=tuple(shards) if shards else None,
-                        levels=tuple(levels) if levels else None, window=getattr(args, "window", None))
+                        levels=tuple(levels) if levels else None, window=getattr(args, "window", None),
+                        live_model=getattr(args, "live_model", False))
 
 
 def _book(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,6 +54,12 @@ def _soak(args: argparse.Namespace) -> dict[str, Any]:
                     seed=getattr(args, "seed", 1))
 
 
+def _memory(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import memory
+
+    return memory.run(args.quick, minutes=getattr(args, "minutes", None), rate=getattr(args, "rate", None))
+
+
 def _feature_worker(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import feature_worker
 
@@ -68,7 +75,7 @@ SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "feature_worker": _feature_worker,
 }
 # Suites that take minutes by design: run on their own, never by ``all``.
-LONG_SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"soak": _soak}
+LONG_SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"soak": _soak, "memory": _memory}
 
 
 def _numbers(kind: type[Any]) -> Callable[[str], list[Any]]:
@@ -89,10 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sim.add_argument("--runs", type=int, default=None, help="runs per configuration (quick 3, full 5)")
     sim.add_argument("--window", type=float, default=None, help="counting window, s (quick 5, full 10)")
     pipe = sub.add_parser("pipeline", parents=[common], help="end to end: simulator -> ingestor -> PostgreSQL")
-    pipe.add_argument("--shards", type=_numbers(int), default=None, help="shard counts (default 1,2,4)")
+    pipe.add_argument("--shards", type=_numbers(int), default=None, help="shard counts (quick 1, full 1,2,4)")
     pipe.add_argument("--levels", type=_numbers(float), default=None,
-                      help="offered msg/s, stepped up (quick 3000,10000; full 2000,5000,10000,20000)")
+                      help="offered msg/s, stepped up (quick 50000,100000,150000; full 25000 to 200000 by 25000)")
     pipe.add_argument("--window", type=float, default=None, help="measuring window, s (quick 8, full 20)")
+    pipe.add_argument("--live-model", action="store_true",
+                      help="the simulator steps its model live instead of playing a tape (tops out near 60,000 msg/s)")
     book = sub.add_parser("book", parents=[common], help="order book level-updates/s: NumpyBook vs dict-and-sort")
     book.add_argument("--runs", type=int, default=None, help="runs per payload (quick 3, full 5)")
     book.add_argument("--seconds", type=float, default=None,
@@ -103,7 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     soak.add_argument("--minutes", type=float, default=None, help="how long (quick 2, full 10)")
     soak.add_argument("--every", type=float, default=None, help="mean seconds between two faults (default 5)")
     soak.add_argument("--seed", type=int, default=1, help="the fault plan's seed")
-    sub.add_parser("all", parents=[common], help="every suite but soak")
+    mem = sub.add_parser("memory", parents=[common], help="RSS of every ingestor process over minutes, steady rate")
+    mem.add_argument("--minutes", type=float, default=None, help="how long (quick 2, full 10)")
+    mem.add_argument("--rate", type=float, default=None, help="offered msg/s, live model (default 50000)")
+    sub.add_parser("all", parents=[common], help="every suite but soak and memory")
     return parser.parse_args(argv)
 
 

@@ -67,7 +67,7 @@ from ingestor.workers.socket_worker import FLUSH_PERIOD_S
 MARKETS: tuple[Market, ...] = ("spot", "futures")
 DEPTH_SUFFIX = {"spot": "@depth@100ms", "futures": "@depth@500ms"}  # the ingestor's default speeds
 N_SYMBOLS = pipeline.N_SYMBOLS
-FIREHOSE = pipeline.FULL_LEVELS[-1]  # nominal msg/s of the pipeline's top level
+FIREHOSE = pipeline.LIVE_MODEL_TOP  # nominal msg/s where the live model tops out
 SEED = pipeline.SEED
 NO_PANIC_S = 1_000_000.0  # the pipeline's `--panic-every`: a steady offered rate
 FLUSH_MS = int(FLUSH_PERIOD_S * 1000)

@@ -41,9 +41,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,14 +64,20 @@ N_SYMBOLS = 20
 # 100 ms, USD-M 500 ms); the simulator sends one per speed interval when the book
 # changed, which it does at every rate used here.
 DEPTH_MSGS_PER_SYMBOL = 10 + 2
-# Offered aggTrade + diff-depth msgs/s. On the 2-core reference host the simulator
-# needs about 0.6 of a core at 40,000 and tops out near 65,000, so the top level is
-# about where the load generator, not the pipeline, becomes the limit.
-FULL_LEVELS = (5_000, 20_000, 40_000, 60_000)
-QUICK_LEVELS = (5_000, 20_000)
+# Offered aggTrade + diff-depth msgs/s, stepped up until a level fails (the knee). The
+# simulator plays a tape (its model recorded ahead), so it offers these rates for about
+# 2 us of CPU a message; its live model would top out near 65,000 on the 2-core host.
+FULL_LEVELS = (25_000, 50_000, 75_000, 100_000, 125_000, 150_000, 175_000, 200_000)
+QUICK_LEVELS = (50_000, 100_000, 150_000)
+LIVE_MODEL_TOP = 60_000  # the live model's own top level (feature_worker's firehose)
+# Tape length beyond warm-up + window: connections come up after the first subscription
+# starts the tape, and the pause lands on the next whole second.
+TAPE_MARGIN_S = 6.0
+TAPE_CACHE = Path(__file__).resolve().parent / "results" / "tapes"
 SIM_BEHIND_MS = 500  # model lag at the window's end above this: the simulator was the limit
 SHARDS = (1, 2, 4)
 DRAIN_OK_S = 3.0
+WATCH_EVERY_S = 10.0
 DRAIN_TIMEOUT_S = 60.0
 LAG_TABLES = ("agg_trades", "depth_updates")
 # Which streams are compared, and with which table and id column.
@@ -366,10 +373,12 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> dict[int, fl
 
 
 async def run_level(shards: int, target: float, n_symbols: int, warmup: float, window: float,
-                    ingestor_args: tuple[str, ...] = (), tape: TapePlan | None = None) -> dict[str, Any]:
+                    ingestor_args: tuple[str, ...] = (), tape: TapePlan | None = None,
+                    watch: Callable[[dict[int, str]], None] | None = None) -> dict[str, Any]:
     """One fresh simulator + ingestor + database at one offered rate; see the module doc.
     ``ingestor_args``: extra ``ingestor run`` flags (e.g. feature parameters); ``tape``: the
-    simulator plays a recording (rates beyond what its live model generates)."""
+    simulator plays a recording (rates beyond what its live model generates); ``watch``:
+    called with the ingestor's processes (pid -> name) every WATCH_EVERY_S of the window."""
     db = f"bench_pipeline_{os.getpid()}_{shards}_{int(target)}"
     dsn = f"{PG_ROOT}/{db}"
     await pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
@@ -392,7 +401,7 @@ async def run_level(shards: int, target: float, n_symbols: int, warmup: float, w
             health = await wait_connected(http, f"{base}/health", ingestor, 60.0)
             result["connect_s"] = time.monotonic() - t_start
             await asyncio.sleep(warmup)
-            result.update(await measure(http, urls["admin"], base, ingestor.pid, sim.pid, db, window))
+            result.update(await measure(http, urls["admin"], base, ingestor.pid, sim.pid, db, window, watch))
             result.update(await finish(http, urls["admin"], dsn))
             paused_at = result.pop("paused_at")
             if result.get("features_end") is not None:
@@ -424,8 +433,9 @@ async def run_level(shards: int, target: float, n_symbols: int, warmup: float, w
 
 
 async def measure(http: Any, admin: str, base: str, supervisor: int, sim_pid: int, db: str,
-                  window: float) -> dict[str, Any]:
-    """The window: counters at its start and end, nothing else in between."""
+                  window: float, watch: Callable[[dict[int, str]], None] | None = None) -> dict[str, Any]:
+    """The window: counters at its start and end, nothing else in between (but ``watch``,
+    which reads /proc, and /health to follow a restarted worker)."""
     conn = await asyncpg.connect(f"{PG_ROOT}/{db}", timeout=10)
     try:
         backends = await postgres_backends(conn, db)
@@ -440,7 +450,12 @@ async def measure(http: Any, admin: str, base: str, supervisor: int, sim_pid: in
         st0 = await get_json(http, f"{admin}/stats")
         stored0 = await stored_total(conn)
         t0 = time.monotonic()
-        await asyncio.sleep(window)
+        if watch is None:
+            await asyncio.sleep(window)
+        else:
+            while (left := t0 + window - time.monotonic()) > 0:
+                watch(names_of(await get_json(http, f"{base}/health"), supervisor))
+                await asyncio.sleep(min(WATCH_EVERY_S, left))
         st1 = await get_json(http, f"{admin}/stats")
         stored1 = await stored_total(conn)
         t1 = time.monotonic()
@@ -503,20 +518,45 @@ async def finish(http: Any, admin: str, dsn: str) -> dict[str, Any]:
 # ---- the suite -------------------------------------------------------------------------
 
 
-def step_up(shards: int, levels: Iterable[float], n_symbols: int, warmup: float, window: float) -> list[dict[str, Any]]:
+def record_tape(tape: TapePlan, n_symbols: int) -> dict[str, Any]:
+    """Record the levels' tape into its cache now (a no-op when it is there), so no level's
+    start-up includes the recording."""
+    cmd = simulator_cmd(tape.peak, n_symbols, tape) + ["--tape-record-only"]
+    t0 = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"recording the tape failed: {out.stderr[-2000:]}")
+    return {"markets": orjson.loads(out.stdout), "wall_s": time.monotonic() - t0}
+
+
+def _level(shards: int, target: float, n_symbols: int, warmup: float, window: float,
+           tape: TapePlan | None) -> dict[str, Any]:
+    print(f"[pipeline] shards={shards} nominal {target:,.0f} msg/s ...", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    r = asyncio.run(run_level(shards, target, n_symbols, warmup, window, tape=tape))
+    r["level_wall_s"] = time.monotonic() - t0
+    print(f"[pipeline]   {verdict(r)} ({r['level_wall_s']:.0f} s)", file=sys.stderr, flush=True)
+    return r
+
+
+def step_up(shards: int, levels: Iterable[float], n_symbols: int, warmup: float, window: float,
+            tape: TapePlan | None = None, refine: int = 0) -> list[dict[str, Any]]:
     """Levels in increasing order until the first that fails, or at which the simulator
-    could not keep up (a higher level would only offer the same rate)."""
+    could not keep up (a higher level would only offer the same rate); then ``refine``
+    halvings of the gap between the last level passed and the first failed (the knee)."""
     results = []
     for target in levels:
-        print(f"[pipeline] shards={shards} nominal {target:,.0f} msg/s ...", file=sys.stderr, flush=True)
-        t0 = time.monotonic()
-        r = asyncio.run(run_level(shards, target, n_symbols, warmup, window))
-        r["level_wall_s"] = time.monotonic() - t0
-        print(f"[pipeline]   {verdict(r)} ({r['level_wall_s']:.0f} s)", file=sys.stderr, flush=True)
+        r = _level(shards, target, n_symbols, warmup, window, tape)
         results.append(r)
         if not r["passed"] or r["sim_behind"]:
             break
-    return results
+    for _ in range(refine):
+        ok = [r["target"] for r in results if r["passed"] and not r["sim_behind"]]
+        bad = [r["target"] for r in results if not r["passed"]]
+        if not ok or not bad or min(bad) - max(ok) < 10_000:
+            break
+        results.append(_level(shards, round((max(ok) + min(bad)) / 2, -3), n_symbols, warmup, window, tape))
+    return sorted(results, key=lambda r: r["target"])
 
 
 def verdict(r: dict[str, Any]) -> str:
@@ -672,15 +712,18 @@ def _busiest(r: dict[str, Any]) -> float | None:
 
 
 def run(quick: bool, shards: tuple[int, ...] | None = None, levels: tuple[float, ...] | None = None,
-        window: float | None = None, n_symbols: int = N_SYMBOLS) -> dict[str, Any]:
-    shards = shards or SHARDS
+        window: float | None = None, n_symbols: int = N_SYMBOLS, live_model: bool = False) -> dict[str, Any]:
+    shards = shards or ((1,) if quick else SHARDS)
     levels = tuple(sorted(levels or (QUICK_LEVELS if quick else FULL_LEVELS)))
     window = window or (8.0 if quick else 20.0)
     warmup = 2.0 if quick else 3.0
+    tape = None if live_model else TapePlan(max(levels), warmup + window + TAPE_MARGIN_S, TAPE_CACHE)
     params = {"shards": ",".join(map(str, shards)), "levels_msg_per_s": ",".join(f"{x:g}" for x in levels),
               "n_symbols": n_symbols, "markets": "spot,futures", "warmup_s": warmup, "window_s": window,
-              "drain_ok_s": DRAIN_OK_S}
-    by_shards = {k: step_up(k, levels, n_symbols, warmup, window) for k in shards}
+              "drain_ok_s": DRAIN_OK_S, "load": "live model" if tape is None else
+              f"tape: recorded at {tape.peak:g} msg/s for {tape.seconds:g} s, played at each level's rate"}
+    tape_info = record_tape(tape, n_symbols) if tape is not None else None
+    by_shards = {k: step_up(k, levels, n_symbols, warmup, window, tape, refine=0 if quick else 2) for k in shards}
     metrics, ref, level_notes = summary_metrics(by_shards)
     notes = level_notes + [
         "A level is a fresh database, simulator and `ingestor run`; the offered rate steps up and stops at the "
@@ -724,4 +767,5 @@ def run(quick: bool, shards: tuple[int, ...] | None = None, levels: tuple[float,
         notes.append("Non-zero exit codes after SIGTERM: " + "; ".join(bad_exit))
     return {"suite": "pipeline", "title": "end to end: simulator -> ingestor run -> PostgreSQL",
             "params": params, "metrics": metrics, "notes": notes,
-            "details": {"reference_level": ref, "levels": {str(k): rs for k, rs in by_shards.items()}}}
+            "details": {"reference_level": ref, "tape": tape_info,
+                        "levels": {str(k): rs for k, rs in by_shards.items()}}}

@@ -354,10 +354,12 @@ def report(ctx: click.Context, symbol: str, start: int, end: int, out: Path, mar
               help="with --tape-seconds: play at this many msgs/s over all markets (0: as recorded)")
 @click.option("--tape-cache", default=None, type=click.Path(file_okay=False),
               help="with --tape-seconds: directory where recordings are kept and reused")
+@click.option("--tape-record-only", is_flag=True,
+              help="with --tape-seconds and --tape-cache: record the tape into the cache, print its size, exit")
 def simulate(host: str, port: int, markets: str, symbols: str | None, n_symbols: int, rate: float,
              seed: int, workers: int, faults: str, replay: tuple[str, ...], speed: float,
              panic_every: float, cascade_every: float, max_lifetime: float, tape_seconds: float,
-             tape_rate: float, tape_cache: str | None) -> None:
+             tape_rate: float, tape_cache: str | None, tape_record_only: bool) -> None:
     """Serve Binance's WebSocket and REST protocols on loopback.
 
     Prints one JSON line with the base URLs when ready; runs until SIGINT/SIGTERM.
@@ -366,6 +368,8 @@ def simulate(host: str, port: int, markets: str, symbols: str | None, n_symbols:
         raise click.UsageError("--tape-seconds plays the model's own recording: not with --replay or --workers")
     if tape_rate and not tape_seconds:
         raise click.UsageError("--tape-rate needs --tape-seconds")
+    if tape_record_only and not (tape_seconds and tape_cache):
+        raise click.UsageError("--tape-record-only needs --tape-seconds and --tape-cache")
     from dataclasses import replace
 
     from ingestor.binance.streams import DEFAULT_LIMITS
@@ -382,6 +386,13 @@ def simulate(host: str, port: int, markets: str, symbols: str | None, n_symbols:
                        n_symbols=n_symbols, seed=seed, model=params, limits=limits,
                        faults=fault_list, replay=replay, speed=speed, reuse_port=workers > 1,
                        tape_seconds=tape_seconds, tape_rate=tape_rate, tape_cache=tape_cache)
+    if tape_record_only:
+        from ingestor.sim.server import record_tapes
+
+        tapes = record_tapes(config)
+        _print_json_line({m: {"messages": t.messages, "rate": round(t.rate, 1), "bytes": len(t.blob)}
+                          for m, t in tapes.items()})
+        return
     import uvloop
 
     from ingestor.sim.run import run_simulator

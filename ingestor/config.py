@@ -60,7 +60,7 @@ class Settings:
     futures_depth_speed: str = field(default="500ms", metadata=_opt(
         "USD-M diff-depth speed: 100ms, 250ms or 500ms"))
     batch_rows: int = field(default=5000, metadata=_opt("rows per COPY batch before it is sent"))
-    batch_age_ms: int = field(default=200, metadata=_opt("oldest row age before a batch is sent anyway"))
+    batch_age_ms: int = field(default=100, metadata=_opt("oldest row age before a batch is sent anyway"))
     writer_connections: int = field(default=4, metadata=_opt("parallel COPY connections of the writer"))
     spool_max_mb: int = field(default=4096, metadata=_opt(
         "disk the writer may fill with batches (in <data-dir>/spool) while the database is away or behind"))

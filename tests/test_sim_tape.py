@@ -4,10 +4,13 @@ wall clock keeps every protocol rule a client relies on."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from ingestor.binance.depth_sync import DepthSync
@@ -128,3 +131,14 @@ def test_the_cache_gives_back_the_same_recording(tmp_path: Path) -> None:
     assert np.array_equal(again.toff, first.toff) and np.array_equal(again.seq, first.seq)
     other = load_or_record(("spot",), specs, 4, PARAMS, 2.0, speeds, tmp_path)["spot"]  # type: ignore[arg-type]
     assert other.blob != first.blob
+
+
+def test_cli_records_a_tape_into_the_cache_and_says_how_big(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "ingestor.cli", "simulate", "--n-symbols", "2", "--rate", "500",
+           "--tape-seconds", "2", "--tape-cache", str(tmp_path), "--tape-record-only"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    sizes = orjson.loads(out.stdout)
+    assert set(sizes) == {"spot", "futures"} and all(v["messages"] > 0 for v in sizes.values())
+    assert len(list(tmp_path.glob("tape-*.npz"))) == 2
+    bad = subprocess.run(cmd[:-3] + ["--tape-record-only"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--tape-cache" in bad.stderr

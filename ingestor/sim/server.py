@@ -71,6 +71,13 @@ class MarketRuntime:
     rest: RestApi
 
 
+def record_tapes(config: SimConfig) -> dict[Market, MarketTape]:
+    """The tapes ``config`` plays: from its cache when recorded before, else recorded now."""
+    return load_or_record(config.markets, build_universe(config.symbols, config.n_symbols), config.seed,
+                          config.model, config.tape_seconds, config.tape_depth_speeds,
+                          Path(config.tape_cache) if config.tape_cache else None)
+
+
 class Simulator:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
@@ -140,9 +147,7 @@ class Simulator:
 
     def _tapes(self, markets: tuple[Market, ...]) -> dict[Market, MarketTape]:
         cfg = self.config
-        universe = build_universe(cfg.symbols, cfg.n_symbols)
-        tapes = load_or_record(markets, universe, cfg.seed, cfg.model, cfg.tape_seconds, cfg.tape_depth_speeds,
-                               Path(cfg.tape_cache) if cfg.tape_cache else None)
+        tapes = record_tapes(cfg)
         recorded = sum(t.rate for t in tapes.values())
         # One speed for every market, so their event times stay aligned with each other.
         speed = cfg.tape_rate / recorded if cfg.tape_rate and recorded else 1.0
