@@ -518,6 +518,11 @@ async def finish(http: Any, admin: str, dsn: str) -> dict[str, Any]:
 # ---- the suite -------------------------------------------------------------------------
 
 
+def quick_tape(window: float = 8.0, warmup: float = 2.0) -> TapePlan:
+    """The tape of ``pipeline --quick`` (the sim suite plays it too: one recording)."""
+    return TapePlan(max(QUICK_LEVELS), warmup + window + TAPE_MARGIN_S, TAPE_CACHE)
+
+
 def record_tape(tape: TapePlan, n_symbols: int) -> dict[str, Any]:
     """Record the levels' tape into its cache now (a no-op when it is there), so no level's
     start-up includes the recording."""

@@ -39,6 +39,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ TARGET = 200_000
 # (x4 orders) does not hit the measurement; every run records the regime anyway.
 DEFAULT_RATE = 60_000.0
 SEED = 1
+FLAT_OUT = 10_000_000.0  # a tape rate no simulator reaches: it plays as fast as it can
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -281,6 +283,42 @@ def push_rate(workers: int, rate: float, n_symbols: int, connections: int, runs:
             "sim_stderr_tail": sim.stderr_tail(), "error": error, "command": " ".join(sim.cmd)}
 
 
+# ---- (e): a tape played flat out -------------------------------------------------------
+
+
+def tape_push(n_symbols: int, runs: int, warmup: float, window: float) -> dict[str, Any]:
+    """The pipeline suite's tape (both markets) played as fast as the simulator can, to one
+    client subscribed the way one ``ingestor run`` shard subscribes: every stream once, on
+    combined-stream connections (envelopes included), so push = distinct messages."""
+    from benchmarks import pipeline
+    from ingestor.sim.universe import build_universe
+
+    plan = pipeline.quick_tape()
+    pipeline.record_tape(plan, n_symbols)
+    low = [s.symbol.lower() for s in build_universe(None, n_symbols)]
+    sim = Service("simulator", pipeline.simulator_cmd(FLAT_OUT, n_symbols, plan), read_stdout=True)
+    sim.start()
+    results: list[dict[str, Any]] = []
+    error = None
+    try:
+        urls = orjson.loads(sim.first_line(120.0))
+        spot = "/".join(f"{s}@aggTrade/{s}@depth@100ms" for s in low)
+        depth = "/".join(f"{s}@depth@500ms" for s in low)
+        market = "/".join([f"{s}@aggTrade" for s in low] + ["!markPrice@arr@1s", "!forceOrder@arr"])
+        conns = [f"{urls['spot_ws']}/stream?streams={spot}", f"{urls['futures_ws']}/public/stream?streams={depth}",
+                 f"{urls['futures_ws']}/market/stream?streams={market}"]
+        results.append(run_client(conns, warmup, window, urls["admin"], sim.pid))
+        with urllib.request.urlopen(urls["admin"] + "/stats", timeout=10) as resp:
+            tapes = {m: v["tape"] for m, v in orjson.loads(resp.read())["markets"].items()}
+        results[-1]["tape"] = tapes
+    except Exception as exc:  # noqa: BLE001 - the report says what failed
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        rc = sim.stop(30.0)
+    return {"runs": results, "sim_exit_code": rc, "error": error, "command": " ".join(sim.cmd),
+            "sim_stderr_tail": sim.stderr_tail() if error else ""}
+
+
 # ---- (c): model generation ceiling ----------------------------------------------------
 
 
@@ -393,6 +431,23 @@ def run(quick: bool, rate: float | None = None, connections: int | None = None,
         details[f"model_{market}_{wanted}"] = res
         metrics.append(metric(f"(c) model generation, {market}, wanted={wanted}", res["msgs_per_cpu_s"],
                               "msg/CPU-s", f"no-op emit, --rate {rate:g}, {model_s:g} model-s per run"))
+
+    # (e) the tape, flat out: what the simulator can offer the pipeline suite.
+    res = tape_push(20, 1, 0.5, 2.0 if quick else 3.0)
+    details["tape_push"] = res
+    rs = res["runs"]
+    out_early = any(t.get("finished") for r in rs for t in r.get("tape", {}).values())
+    metrics += [
+        metric("(e) tape push rate, flat out", [r["push_rate"] for r in rs], "msg/s",
+               "both markets, 20 symbols each, every stream once over 3 combined-stream connections (one "
+               "ingestor shard's), so every frame is a distinct message" +
+               ("; the tape ran out inside the window: a lower bound" if out_early else "")),
+        metric("(e) tape payload bytes/s", [r["bytes_per_s"] for r in rs], "B/s", "envelopes included"),
+        metric("(e) simulator CPU, tape", [r["sim_cpu_total"] for r in rs], "cores", "1.0 = its one core saturated"),
+        metric("(e) client CPU, tape", [r["client_cpu"] for r in rs], "cores", "the counting client"),
+    ]
+    if res["error"]:
+        notes.append(f"(e) error: {res['error']}")
 
     # (d) against the target.
     for workers in (1, 2):

@@ -13,8 +13,9 @@ model seconds, recorded once (both markets in parallel, cached on disk), then pl
   they are played (before or without a subscriber too), so a snapshot always bridges to
   the stream by Binance's procedure; ``/aggTrades`` answers from the trades played.
 
-Play starts when the first client subscribes to anything, so a client that needs seconds
-to start up still sees the tape from its beginning. What a tape does not record (other
+Play starts a second after the first client subscribes to anything, so a client that
+needs seconds to start up, and opens several connections, still sees the tape from its
+beginning. What a tape does not record (other
 depth speeds, per-symbol mark price or liquidation streams) is never sent; exchangeInfo,
 tickers, open interest and premium index answer from the model's state at the tape's start.
 When the tape is played out the streams go quiet and ``/stats`` says so.
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 TAPE_VERSION = 1
 TAPE_START_MS = 1_700_000_000_000  # model time a tape is recorded from (13 digits, as every time after it)
 TIME_DIGITS = 13
+START_DELAY_MS = 1000  # from the first subscription to the first message played
+MAX_PASS_MSGS = 20_000  # messages sent per pass of the clock loop before it yields
 _POW10 = 10 ** np.arange(TIME_DIGITS - 1, -1, -1, dtype=np.int64)
 _E_FIELD = re.compile(rb'"E":(\d{13})')
 _T_FIELD = re.compile(rb'"T":(\d{13})')
@@ -181,9 +184,11 @@ def digits(values: np.ndarray) -> np.ndarray:
 
 
 class TapeClock:
-    """When play started (wall ms), shared by the markets so they stay aligned."""
+    """When play started (wall ms), shared by the markets so they stay aligned: a moment
+    after the first subscription, so a client's other connections are up by then."""
 
     def __init__(self, speed_of: dict[Market, float]) -> None:
+        self.first_sub: int | None = None
         self.w0: int | None = None
         self.speed_of = speed_of
 
@@ -254,28 +259,39 @@ class TapeMarket(MarketModel):
             self.tval = self.tval * 10 + (raw[tape.toff + k] - 48)
 
     def advance_to(self, now_ms: int) -> int:
-        """Send every step whose wall time has come; returns the number of steps sent."""
-        if self.clock.w0 is None:
-            if not self.has_subscribers():
+        """Send the steps whose wall time has come, at most MAX_PASS_MSGS messages' worth (so
+        the loop still serves accepts and REST when the tape is played faster than the host
+        can); ``t`` is then the wall time of the last step sent. Returns the steps sent."""
+        clock = self.clock
+        if clock.w0 is None:
+            if clock.first_sub is None and self.has_subscribers():
+                clock.first_sub = now_ms
+            if clock.first_sub is None or now_ms < clock.first_sub + START_DELAY_MS:
                 self.t = max(self.t, now_ms)
                 return 0
-            self.clock.w0 = now_ms
+            clock.w0 = clock.first_sub + START_DELAY_MS
         if self.finished:
             self.t = max(self.t, now_ms)
             return 0
-        # The last recorded step whose wall time is at or before now.
-        horizon = self.t0 + (now_ms - self.clock.w0) * self.speed
-        end = int(np.searchsorted(self.step_times, horizon, side="right"))
-        n = end - self.next_step
-        if n > 0:
-            self._play(self.next_step, end)
-            self.next_step = end
-            if end >= len(self.step_times):
-                self.finished = True
-                log.warning("%s: the tape is played out (%s messages); its streams are quiet from now on",
-                            self.market, f"{self.played:,}")
-        self.t = max(self.t, now_ms)
-        return max(n, 0)
+        horizon = self.t0 + (now_ms - clock.w0) * self.speed  # model time due by now
+        due = int(np.searchsorted(self.step_times, horizon, side="right"))
+        first = self.next_step
+        cap = int(np.searchsorted(self.bounds, self.bounds[first] + MAX_PASS_MSGS, side="right")) - 1
+        end = min(due, max(cap, first + 1))
+        if end <= first:
+            self.t = max(self.t, now_ms)
+            return 0
+        self._play(first, end)
+        self.next_step = end
+        if end >= len(self.step_times):
+            self.finished = True
+            log.warning("%s: the tape is played out (%s messages); its streams are quiet from now on",
+                        self.market, f"{self.played:,}")
+        if end < due:  # behind: say so, and the clock loop comes back at once
+            self.t = max(self.t, clock.w0 + int((int(self.step_times[end - 1]) - self.t0) / self.speed))
+        else:
+            self.t = max(self.t, now_ms)
+        return end - first
 
     def _play(self, first_step: int, end_step: int) -> None:
         tape = self.tape
