@@ -47,6 +47,13 @@ def _features(args: argparse.Namespace) -> dict[str, Any]:
     return features.run(args.quick)
 
 
+def _copy_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import copy_ceiling
+
+    return copy_ceiling.run(args.quick, connections=getattr(args, "connections", None),
+                            seconds=getattr(args, "seconds", None), runs=getattr(args, "runs", None))
+
+
 def _soak(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import soak
 
@@ -70,6 +77,7 @@ def _feature_worker(args: argparse.Namespace) -> dict[str, Any]:
 SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "sim": _sim,
     "pipeline": _pipeline,
+    "copy_ceiling": _copy_ceiling,
     "book": _book,
     "features": _features,
     "feature_worker": _feature_worker,
@@ -107,6 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     book.add_argument("--seconds", type=float, default=None,
                       help="simulated seconds of diffs per sim payload (quick 60, full 300)")
     sub.add_parser("features", parents=[common], help="indicator cost per trade and per symbol-bar")
+    ceil = sub.add_parser("copy_ceiling", parents=[common],
+                          help="PostgreSQL's own COPY rate for these rows, and where it goes (jsonb, indexes)")
+    ceil.add_argument("--connections", type=int, default=None, help="COPY connections (default: the writer's, 4)")
+    ceil.add_argument("--seconds", type=float, default=None, help="timed seconds per measurement (quick 4, full 10)")
+    ceil.add_argument("--runs", type=int, default=None, help="runs per configuration (quick 1, full 3)")
     sub.add_parser("feature_worker", parents=[common], help="feature worker vs the simulator's full firehose")
     soak = sub.add_parser("soak", parents=[common], help="minutes of the whole pipeline with faults throughout")
     soak.add_argument("--minutes", type=float, default=None, help="how long (quick 2, full 10)")

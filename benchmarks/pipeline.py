@@ -289,7 +289,11 @@ async def compare(conn: Any, sent: dict[StreamKey, tuple[int, int]]) -> dict[str
         if n != n_sent or distinct != n or last != last_sent:
             bad.append(f"{key.market} {key.symbol} {key.kind}: sent {n_sent} (last id {last_sent}), "
                        f"stored {n} ({distinct} distinct, last id {last})")
+    by_kind: dict[str, int] = {}
+    for key, (n_sent, _) in sent.items():
+        by_kind[key.kind] = by_kind.get(key.kind, 0) + n_sent
     return {"streams": len(set(sent) | set(stored)), "sent": sum(n for n, _ in sent.values()),
+            "sent_by_kind": by_kind,
             "stored": sum(n for n, _, _ in stored.values()), "missing": missing, "duplicates": duplicates,
             "mismatched_streams": bad[:20], "n_mismatched": len(bad)}
 
@@ -703,6 +707,34 @@ def summary_metrics(by_shards: dict[int, list[dict[str, Any]]]) -> tuple[list[di
     return rows, ref, notes
 
 
+def ceiling_rows(by_shards: dict[int, list[dict[str, Any]]], window: float) -> dict[str, Any]:
+    """The COPY ceiling for the rows the pipeline stored (the same mix of aggTrades and diffs,
+    the writer's number of connections), measured now, in the same run, and the best
+    sustained rate over it."""
+    from benchmarks.copy_ceiling import measure_ceiling
+    from ingestor.config import Settings
+
+    best = max((r for rs in by_shards.values() for r in rs if r["passed"]),
+               key=lambda r: r["stored_per_s"], default=None)
+    if best is None:
+        return {"metrics": [], "result": None}
+    kinds = best.get("sent_by_kind") or {"aggTrade": 1}
+    mix = {"aggTrade": kinds.get("aggTrade", 0), "depthUpdate": kinds.get("depth", 0)}
+    connections = Settings().writer_connections
+    print(f"[pipeline] COPY ceiling: {connections} connections, mix {mix} ...", file=sys.stderr, flush=True)
+    result = asyncio.run(measure_ceiling(PG_ROOT, {k: v for k, v in mix.items() if v}, connections, window))
+    ratio = best["stored_per_s"] / result["rows_per_s"] if result.get("rows_per_s") else None
+    return {"result": result, "metrics": [
+        metric("COPY ceiling, same rows and connections", result.get("rows_per_s"), "rows/s",
+               f"pre-encoded batches of the same kinds ({', '.join(f'{k} {v:,}' for k, v in mix.items())} in the "
+               f"best level) COPYed straight into a fresh database's tables over {connections} connections, "
+               "nothing else running (benchmarks/copy_ceiling.py)"),
+        metric("sustained rate / COPY ceiling", ratio, "ratio",
+               f"best sustained zero-loss rate {best['stored_per_s']:,.0f}/s (shards={best['shards']}); "
+               "the pipeline shares the 2 cores with the simulator, the ceiling has PostgreSQL alone"),
+    ]}
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
@@ -730,6 +762,8 @@ def run(quick: bool, shards: tuple[int, ...] | None = None, levels: tuple[float,
     tape_info = record_tape(tape, n_symbols) if tape is not None else None
     by_shards = {k: step_up(k, levels, n_symbols, warmup, window, tape, refine=0 if quick else 2) for k in shards}
     metrics, ref, level_notes = summary_metrics(by_shards)
+    ceiling = ceiling_rows(by_shards, window)
+    metrics += ceiling["metrics"]
     notes = level_notes + [
         "A level is a fresh database, simulator and `ingestor run`; the offered rate steps up and stops at the "
         f"first level with loss, duplicates, a worker restart or a drain longer than {DRAIN_OK_S:g} s after the "
@@ -772,5 +806,5 @@ def run(quick: bool, shards: tuple[int, ...] | None = None, levels: tuple[float,
         notes.append("Non-zero exit codes after SIGTERM: " + "; ".join(bad_exit))
     return {"suite": "pipeline", "title": "end to end: simulator -> ingestor run -> PostgreSQL",
             "params": params, "metrics": metrics, "notes": notes,
-            "details": {"reference_level": ref, "tape": tape_info,
+            "details": {"reference_level": ref, "tape": tape_info, "copy_ceiling": ceiling["result"],
                         "levels": {str(k): rs for k, rs in by_shards.items()}}}
