@@ -27,13 +27,17 @@ class Subscriber(Protocol):
     def flush(self) -> None: ...
 
 
-def text_frame(payload: bytes) -> bytes:
-    n = len(payload)
+def frame_header(n: int) -> bytes:
+    """A final, unmasked text frame's header for an ``n``-byte payload."""
     if n < 126:
-        return bytes((0x81, n)) + payload
+        return bytes((0x81, n))
     if n < 65536:
-        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
-    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+        return b"\x81\x7e" + n.to_bytes(2, "big")
+    return b"\x81\x7f" + n.to_bytes(8, "big")
+
+
+def text_frame(payload: bytes) -> bytes:
+    return frame_header(len(payload)) + payload
 
 
 class Hub:
@@ -48,6 +52,7 @@ class Hub:
         self.skip: dict[str, int] = {}  # stream -> events still to drop (gap faults)
         self.skipped: dict[str, int] = {}
         self._dirty: list[Subscriber] = []
+        self._heads: dict[str, bytes] = {}  # stream -> b'{"stream":"<name>","data":'
 
     def wants(self, name: str) -> bool:
         return name in self.subs
@@ -82,8 +87,11 @@ class Hub:
             if conn.stalled:
                 continue
             if conn.combined:
-                if comb is None:
-                    comb = text_frame(envelope(name, payload))
+                if comb is None:  # the envelope built straight into the frame: one copy of the payload
+                    head = self._heads.get(name)
+                    if head is None:
+                        head = self._heads[name] = envelope(name, b"")[:-1]
+                    comb = b"".join((frame_header(len(head) + len(payload) + 1), head, payload, b"}"))
                 frame = comb
             else:
                 if raw is None:
