@@ -54,6 +54,12 @@ def _copy_ceiling(args: argparse.Namespace) -> dict[str, Any]:
                             seconds=getattr(args, "seconds", None), runs=getattr(args, "runs", None))
 
 
+def _codec(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import codec
+
+    return codec.run(args.quick)
+
+
 def _soak(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import soak
 
@@ -75,6 +81,7 @@ def _feature_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 # Every suite, in the order ``all`` runs them.
 SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "codec": _codec,
     "sim": _sim,
     "pipeline": _pipeline,
     "copy_ceiling": _copy_ceiling,
@@ -114,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     book.add_argument("--runs", type=int, default=None, help="runs per payload (quick 3, full 5)")
     book.add_argument("--seconds", type=float, default=None,
                       help="simulated seconds of diffs per sim payload (quick 60, full 300)")
+    sub.add_parser("codec", parents=[common], help="socket worker cost per message by stream type, no I/O")
     sub.add_parser("features", parents=[common], help="indicator cost per trade and per symbol-bar")
     ceil = sub.add_parser("copy_ceiling", parents=[common],
                           help="PostgreSQL's own COPY rate for these rows, and where it goes (jsonb, indexes)")

@@ -62,14 +62,17 @@ class SequenceTracker:
     def trade(self, symbol: str, a: int, e_ms: int) -> tuple[bool, Gap | None]:
         last = self._t
         prev = last.get(symbol)
-        last[symbol] = (a, e_ms) if prev is None or a > prev[0] else prev
         if prev is None:
+            last[symbol] = (a, e_ms)
             return True, None
-        if a <= prev[0]:
+        last_a = prev[0]
+        if a == last_a + 1:  # the usual case first
+            last[symbol] = (a, e_ms)
+            return True, None
+        if a <= last_a:
             return False, None
-        if a == prev[0] + 1:
-            return True, None
-        return True, Gap(symbol, "aggTrade", prev[0] + 1, a - 1, prev[1], e_ms)
+        last[symbol] = (a, e_ms)
+        return True, Gap(symbol, "aggTrade", last_a + 1, a - 1, prev[1], e_ms)
 
     def depth(self, symbol: str, first: int, final: int, prev_final: int | None, e_ms: int) -> tuple[bool, Gap | None]:
         """``prev_final`` is Futures' ``pu`` (None on Spot)."""

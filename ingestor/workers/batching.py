@@ -54,8 +54,8 @@ class Batch:
 
 @dataclass(slots=True)
 class _Pending:
-    parts: list[bytes] = field(default_factory=list)
-    event_ms: array = field(default_factory=lambda: array("q"))
+    parts: list[bytes] = field(default_factory=list)  # the rows' bytes, whole or in pieces
+    event_ms: array = field(default_factory=lambda: array("q"))  # one per row: its length is the row count
     started: float = 0.0
 
 
@@ -80,27 +80,46 @@ class Batcher:
 
     def add(self, table: str, row: bytes, event_ms: int) -> None:
         p = self.pending.get(table)
-        if p is None:
-            p = self.pending[table] = _Pending(started=self.clock())
-        elif not p.parts:
-            p.started = self.clock()
+        if p is None or not p.event_ms:
+            p = self._start(table)
         p.parts.append(row)
-        p.event_ms.append(event_ms)
-        if len(p.parts) >= self.batch_rows:
+        times = p.event_ms
+        times.append(event_ms)
+        if len(times) >= self.batch_rows:
+            self._emit(table, p)
+
+    def add_parts(self, table: str, parts: tuple[bytes, ...], event_ms: int) -> None:
+        """One row given as the pieces that make it (``rows.*_parts``): they are joined only
+        with the whole batch, so a row's payload is copied once, not twice."""
+        p = self.pending.get(table)
+        if p is None or not p.event_ms:
+            p = self._start(table)
+        p.parts += parts
+        times = p.event_ms
+        times.append(event_ms)
+        if len(times) >= self.batch_rows:
             self._emit(table, p)
 
     def flush(self, force: bool = False) -> None:
         """Hand over every batch older than the age limit (all of them if ``force``)."""
         now = self.clock()
         for table, p in self.pending.items():
-            if p.parts and (force or now - p.started >= self.batch_age_s):
+            if p.event_ms and (force or now - p.started >= self.batch_age_s):
                 self._emit(table, p)
 
     def pending_rows(self) -> int:
-        return sum(len(p.parts) for p in self.pending.values())
+        return sum(len(p.event_ms) for p in self.pending.values())
+
+    def _start(self, table: str) -> _Pending:
+        """The table's pending batch, empty so far: its age counts from now."""
+        p = self.pending.get(table)
+        if p is None:
+            p = self.pending[table] = _Pending()
+        p.started = self.clock()
+        return p
 
     def _emit(self, table: str, p: _Pending) -> None:
-        batch = Batch(table, len(p.parts), b"".join(p.parts), p.event_ms.tobytes(), self.producer)
+        batch = Batch(table, len(p.event_ms), b"".join(p.parts), p.event_ms.tobytes(), self.producer)
         self.sent_rows[table] = self.sent_rows.get(table, 0) + batch.rows
         self.sent_batches += 1
         p.parts = []
