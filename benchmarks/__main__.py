@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks import targets
 from benchmarks.report import machine_info, markdown, write_report
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -165,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         result["wall_s"] = time.monotonic() - t0
         report["suites"].append(result)
         print(f"[benchmarks] {name} done in {result['wall_s']:.1f} s", file=sys.stderr, flush=True)
+    goals = targets.summary(report)
+    if goals is not None:
+        report["suites"].append(goals)
     report["wall_s"] = time.time() - started
     json_path, md_path = write_report(args.out, report)
     sys.stdout.write(markdown(report))

@@ -55,7 +55,7 @@ import orjson
 
 from benchmarks.procs import Service
 from benchmarks.report import metric
-from benchmarks.sim_throughput import cpu_seconds, process_tree
+from benchmarks.sim_throughput import CLK_TCK, cpu_seconds, process_tree
 
 PG_ROOT = "postgresql://postgres@127.0.0.1:5432"
 SEED = 1
@@ -127,6 +127,15 @@ def ingestor_cmd(dsn: str, shards: int, urls: dict[str, str], http_port: int,
 
 
 # ---- /proc ---------------------------------------------------------------------------
+
+
+def host_cpu() -> tuple[float, int]:
+    """(busy CPU seconds of the whole host since boot, cores) from /proc/stat."""
+    lines = Path("/proc/stat").read_text().splitlines()
+    ticks = [int(x) for x in lines[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    cores = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return (sum(ticks[:8]) - idle) / CLK_TCK, cores
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -451,6 +460,7 @@ async def measure(http: Any, admin: str, base: str, supervisor: int, sim_pid: in
         sim_pids = process_tree(sim_pid)
         watched = list(kinds) + backends + sim_pids
         cpu0 = cpu_seconds(watched)
+        host0 = host_cpu()
         st0 = await get_json(http, f"{admin}/stats")
         stored0 = await stored_total(conn)
         t0 = time.monotonic()
@@ -464,6 +474,7 @@ async def measure(http: Any, admin: str, base: str, supervisor: int, sim_pid: in
         stored1 = await stored_total(conn)
         t1 = time.monotonic()
         cpu = cpu_delta(cpu0, cpu_seconds(watched))
+        host1 = host_cpu()
         async with http.get(f"{base}/metrics") as resp:
             text1 = await resp.text()
         lag1 = lag_buckets(text1)
@@ -487,6 +498,9 @@ async def measure(http: Any, admin: str, base: str, supervisor: int, sim_pid: in
         "lag_samples": lag.get(float("inf"), 0.0),
         "cpu_s_by_kind": per_kind(cpu, kinds),
         "cpu_cores_by_kind": {k: v / elapsed for k, v in per_kind(cpu, kinds).items()},
+        # The whole host: what the processes above leave out (PostgreSQL's WAL writer and
+        # checkpointer, the kernel's loopback networking, anything else running).
+        "host_busy_cores": (host1[0] - host0[0]) / elapsed, "host_cores": host1[1],
         "socket_msgs_per_s": {n: (sockets[n] - sockets0.get(n, 0)) / elapsed for n in sockets},
         "writer_queue_depth_end": health1["workers"]["writer"].get("queue_depth"),
         "model_lag_ms": [st0.get("model_lag_ms"), st1.get("model_lag_ms")],
