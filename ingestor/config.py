@@ -62,6 +62,9 @@ class Settings:
     batch_rows: int = field(default=5000, metadata=_opt("rows per COPY batch before it is sent"))
     batch_age_ms: int = field(default=100, metadata=_opt("oldest row age before a batch is sent anyway"))
     writer_connections: int = field(default=4, metadata=_opt("parallel COPY connections of the writer"))
+    payload_type: str = field(default="jsonb", metadata=_opt(
+        "payload column type of the data tables: jsonb (parsed, binary, indexable) or json (the exchange's text "
+        "as sent, cheaper to write); set before the tables hold rows"))
     spool_max_mb: int = field(default=4096, metadata=_opt(
         "disk the writer may fill with batches (in <data-dir>/spool) while the database is away or behind"))
     snapshot_interval_s: float = field(default=300.0, metadata=_opt(
@@ -230,6 +233,8 @@ def validate(s: Settings) -> None:
         allowed = sorted(f"{ms}ms" for ms in DEPTH_SPEEDS[market].values())  # type: ignore[index]
         if speed not in allowed:
             raise ConfigError(f"{market}_depth_speed: {speed!r} is not a documented speed ({', '.join(allowed)})")
+    if s.payload_type not in ("jsonb", "json"):
+        raise ConfigError(f"payload_type must be jsonb or json (got {s.payload_type!r})")
     if s.dsn is not None:
         if s.dsn.partition("://")[0] not in ("postgres", "postgresql"):
             raise ConfigError(f"dsn must be a postgresql:// URL (got {mask_dsn(s.dsn)!r})")

@@ -46,7 +46,8 @@ COPY_SECONDS = Histogram("ingestor_copy_seconds", "COPY statement duration", ["w
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 LAG_SECONDS = Histogram("ingestor_event_to_commit_seconds",
                         "Exchange event time to commit, sampled per batch", ["worker", "table"],
-                        buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 2, 5, 10, 30, 60))
+                        buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 2, 5, 10,
+                                 30, 60))
 REST_REQUESTS = Counter("ingestor_rest_requests", "REST requests by endpoint and HTTP status",
                         ["worker", "market", "endpoint", "status"])
 REST_WEIGHT = Gauge("ingestor_rest_weight_used", "Request weight used in the current minute",

@@ -33,7 +33,7 @@ from ingestor.binance.streams import Market
 from ingestor.binance.universe import Universe, UniverseError, resolve_universe
 from ingestor.config import Settings, mask_dsn
 from ingestor.db.embedded import EmbeddedPostgres
-from ingestor.db.migrate import apply_policies, capabilities, migrate
+from ingestor.db.migrate import PayloadTypeError, apply_policies, capabilities, ensure_payload_type, migrate
 from ingestor.db.reference import record_symbol_info
 from ingestor.features import feed
 from ingestor.features import worker as feature_worker
@@ -94,6 +94,7 @@ async def open_database(settings: Settings) -> tuple[str, EmbeddedPostgres | Non
         applied = await migrate(conn)
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
+        await ensure_payload_type(conn, settings.payload_type)
         caps = await capabilities(conn)
         log.info("PostgreSQL %s, %s", caps.server_version,
                  f"TimescaleDB {caps.timescaledb} ({caps.license} licence)" if caps.timescaledb else
@@ -101,6 +102,10 @@ async def open_database(settings: Settings) -> tuple[str, EmbeddedPostgres | Non
         for warning in await apply_policies(conn, caps, settings.compress_after_days or None,
                                             settings.retention_days or None):
             log.warning("%s", warning)
+    except PayloadTypeError as exc:
+        if embedded is not None:
+            embedded.stop()
+        raise StartupError(str(exc)) from None
     finally:
         await conn.close()
     return dsn, embedded

@@ -85,7 +85,8 @@ async def assert_db_equals_sent(sim: Simulator, dsn: str) -> dict[str, int]:
                 # And as jsonb: the stored value equals the sent bytes parsed by PostgreSQL.
                 same = await conn.fetchval(
                     f"SELECT count(*) FROM {table} t JOIN unnest($1::bigint[], $2::text[]) AS s(id, p) "
-                    f"ON {ID_SQL[table].replace('event_time', 't.event_time')} = s.id AND t.payload = s.p::jsonb "
+                    f"ON {ID_SQL[table].replace('event_time', 't.event_time')} = s.id "
+                    "AND t.payload::jsonb = s.p::jsonb "
                     "WHERE t.market = $3 AND t.symbol = $4",
                     [r[0] for r in rows], [r[1].decode() for r in rows], key[0], key[1])
                 assert same == len(rows), f"{table} {key}: {same} of {len(rows)} payloads equal as jsonb"
@@ -98,10 +99,11 @@ async def assert_db_equals_sent(sim: Simulator, dsn: str) -> dict[str, int]:
 E2E_SIM = SimConfig(n_symbols=3, record=True, seed=7)
 
 
+@pytest.mark.parametrize("payload_type", ["jsonb", "json"])
 @pytest.mark.parametrize("sim", [E2E_SIM], indirect=True)
-async def test_pipeline_stores_exactly_what_the_simulator_sent(sim: Simulator, db_dsn: str) -> None:
+async def test_pipeline_stores_exactly_what_the_simulator_sent(sim: Simulator, db_dsn: str, payload_type: str) -> None:
     pipe = await Pipeline(["--dsn", db_dsn, "--shards", "2", "--batch-age-ms", "100", "--snapshot-interval-s", "1",
-                           "--open-interest-interval-s", "1", *sim_flags(sim)]).start()
+                           "--open-interest-interval-s", "1", "--payload-type", payload_type, *sim_flags(sim)]).start()
     try:
         health = await pipe.wait_health(200)
         assert {"socket-0", "socket-1", "rest", "writer"} <= set(health["workers"])
@@ -133,6 +135,13 @@ async def test_pipeline_stores_exactly_what_the_simulator_sent(sim: Simulator, d
         assert {r["symbol"] for r in oi} == set(sim.markets["futures"].model.books)
         assert all(r["market"] == "futures" and r["v"] == orjson.loads(r["payload"])["openInterest"] for r in oi)
         assert await conn.fetchval("SELECT count(*) FROM stream_gaps") == 0
+        types = {t: await conn.fetchval(f"SELECT DISTINCT pg_typeof(payload)::text FROM {t}")
+                 for t in ("agg_trades", "depth_updates", "mark_prices", "depth_snapshots", "open_interest")}
+        assert set(types.values()) == {payload_type}, types
+        if payload_type == "json":  # kept verbatim: the exact bytes the exchange sent
+            sent = {a: raw for (_m, _s), rows in expected_rows(sim)["agg_trades"].items() for a, raw in rows}
+            kept = await conn.fetch("SELECT aggregate_trade_id AS a, payload::text AS p FROM agg_trades")
+            assert kept and all(r["p"].encode() == sent[r["a"]] for r in kept)
     finally:
         await conn.close()
 

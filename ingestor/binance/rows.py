@@ -1,9 +1,9 @@
 """Binance messages to PostgreSQL binary COPY tuples, as pure functions.
 
 One function per table takes the parsed message (for the fields that become columns)
-and the message's own JSON bytes (stored as the ``jsonb`` payload) and returns one
-encoded tuple. ``TABLES`` names each table's columns in tuple order; the writer COPYs
-with exactly these column lists.
+and the message's own JSON bytes (the payload column: ``jsonb``, or ``json`` under
+``--payload-type json``) and returns one encoded tuple. ``TABLES`` names each table's
+columns in tuple order; the writer COPYs with exactly these column lists.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def agg_trade_parts(market: Market, msg: dict[str, Any], payload: bytes) -> tupl
     """``agg_trade``'s tuple in pieces (``b"".join`` of them is the tuple)."""
     s = msg["s"]
     return (_AGG_PREFIX[market], cb.timestamptz_ms(msg["E"]), _symbol_cache.get(s) or symbol_field(s),
-            cb.int8_jsonb_head(msg["a"], payload), payload)
+            cb.int8_payload_head(msg["a"], payload), payload)
 
 
 def agg_trade(market: Market, msg: dict[str, Any], payload: bytes) -> bytes:
@@ -92,7 +92,7 @@ def depth_update_parts(market: Market, msg: dict[str, Any], payload: bytes) -> t
     """``depth_update``'s tuple in pieces (``b"".join`` of them is the tuple)."""
     s = msg["s"]
     return (_DEPTH_PREFIX[market], cb.timestamptz_ms(msg["E"]), _symbol_cache.get(s) or symbol_field(s),
-            cb.int8_int8_jsonb_head(msg["U"], msg["u"], payload), payload)
+            cb.int8_int8_payload_head(msg["U"], msg["u"], payload), payload)
 
 
 def depth_update(market: Market, msg: dict[str, Any], payload: bytes) -> bytes:
@@ -103,7 +103,7 @@ def mark_price(market: Market, msg: dict[str, Any], payload: bytes) -> bytes:
     s = msg["s"]
     return b"".join((
         _MARK_PREFIX[market], cb.timestamptz_ms(msg["E"]), _symbol_cache.get(s) or symbol_field(s),
-        cb.jsonb_head(payload), payload,
+        cb.payload_head(payload), payload,
     ))
 
 
@@ -112,14 +112,14 @@ def force_order(market: Market, msg: dict[str, Any], payload: bytes) -> bytes:
     return b"".join((
         _FORCE_PREFIX[market], cb.timestamptz_ms(msg["E"]), cb.timestamptz_ms(order["T"]),
         symbol_field(order["s"]), cb.text(order["S"]), cb.numeric(order["q"]),
-        cb.jsonb_head(payload), payload,
+        cb.payload_head(payload), payload,
     ))
 
 
 def open_interest(market: Market, msg: dict[str, Any], payload: bytes) -> bytes:
     return b"".join((
         _HEAD["open_interest"], MARKET_FIELD[market], cb.timestamptz_ms(msg["time"]), symbol_field(msg["symbol"]),
-        cb.numeric(msg["openInterest"]), cb.jsonb(payload),
+        cb.numeric(msg["openInterest"]), cb.payload(payload),
     ))
 
 
@@ -128,7 +128,7 @@ def depth_snapshot(market: Market, symbol: str, time_ms: int, payload: bytes) ->
     the Futures reply's ``T`` where there is one, else when the reply arrived."""
     return b"".join((
         _HEAD["depth_snapshots"], MARKET_FIELD[market], cb.timestamptz_ms(time_ms), symbol_field(symbol),
-        MARKET_FIELD[market], cb.jsonb(payload),
+        MARKET_FIELD[market], cb.payload(payload),
     ))
 
 

@@ -95,6 +95,36 @@ async def capabilities(conn: asyncpg.Connection) -> DbCapabilities:
 
 
 COMPRESSED_TABLES = ("agg_trades", "depth_updates", "mark_prices", "force_orders", "open_interest", "depth_snapshots")
+PAYLOAD_TABLES = COMPRESSED_TABLES  # the recorded messages, each with its payload
+
+
+class PayloadTypeError(Exception):
+    """The tables hold rows of another payload type than the one asked for."""
+
+
+async def ensure_payload_type(conn: asyncpg.Connection, kind: str) -> list[str]:
+    """Make every data table's ``payload`` column ``kind`` (jsonb or json); returns the tables
+    changed. Only an empty table is changed: converting stored rows rewrites the whole
+    table, which is the user's decision to take (the error says how)."""
+    changed = []
+    for table in PAYLOAD_TABLES:  # every table checked before any is changed: all or none
+        current = await conn.fetchval(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = $1::regclass "
+            "AND attname = 'payload'", table)
+        if current == kind:
+            continue
+        if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
+            raise PayloadTypeError(
+                f"{table} holds rows with {current} payloads, and --payload-type is {kind}: keep {current}, or "
+                f"convert the stored rows yourself (a rewrite of the table): "
+                f"ALTER TABLE {table} ALTER COLUMN payload TYPE {kind} USING payload::{kind}")
+        changed.append(table)
+    async with conn.transaction():
+        for table in changed:
+            await conn.execute(f"ALTER TABLE {table} ALTER COLUMN payload TYPE {kind} USING payload::{kind}")
+    if changed:
+        log.info("payload columns are now %s: %s", kind, ", ".join(changed))
+    return changed
 
 
 async def apply_policies(conn: asyncpg.Connection, caps: DbCapabilities, compress_after_days: int | None,

@@ -68,6 +68,9 @@ def run_child(settings: Settings, name: str, stop_event: Any,
               main: Callable[[ChildContext], Coroutine[Any, Any, None]]) -> None:
     setup_logging(settings.log_level, name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from ingestor.writer import copy_binary
+
+    copy_binary.use_payload_type(settings.payload_type)  # the tables' type: the supervisor made it so
     import uvloop
 
     async def runner() -> None:

@@ -130,6 +130,56 @@ def int8_int8_jsonb_head(first: int, second: int, raw_json: bytes) -> bytes:
         raise EncodeError(f"bigint out of range: {(first, second)!r}") from exc
 
 
+# The payload column is ``jsonb`` (the default) or ``json`` (``--payload-type``): the same
+# JSON text, with jsonb's version byte in front or without it. One process writes one
+# database, so the choice is made once at its start (``use_payload_type``) and the row
+# encoders call these names.
+PAYLOAD_TYPES = ("jsonb", "json")
+_len = struct.Struct("!i")
+_i64_json = struct.Struct("!iqi")
+_i64_i64_json = struct.Struct("!iqiqi")
+
+
+def json(raw_json: bytes) -> bytes:
+    """A ``json`` field: the text as it is (the server checks its syntax, keeps it verbatim)."""
+    return _len.pack(len(raw_json)) + raw_json
+
+
+def json_head(raw_json: bytes) -> bytes:
+    return _len.pack(len(raw_json))
+
+
+def int8_json_head(value: int, raw_json: bytes) -> bytes:
+    try:
+        return _i64_json.pack(8, value, len(raw_json))
+    except struct.error as exc:
+        raise EncodeError(f"bigint out of range: {value!r}") from exc
+
+
+def int8_int8_json_head(first: int, second: int, raw_json: bytes) -> bytes:
+    try:
+        return _i64_i64_json.pack(8, first, 8, second, len(raw_json))
+    except struct.error as exc:
+        raise EncodeError(f"bigint out of range: {(first, second)!r}") from exc
+
+
+payload, payload_head, int8_payload_head, int8_int8_payload_head = jsonb, jsonb_head, int8_jsonb_head, \
+    int8_int8_jsonb_head
+
+
+def use_payload_type(kind: str) -> None:
+    """Encode payload fields for a ``kind`` column (``jsonb`` or ``json``) from now on."""
+    global payload, payload_head, int8_payload_head, int8_int8_payload_head
+    if kind == "jsonb":
+        payload, payload_head, int8_payload_head, int8_int8_payload_head = \
+            jsonb, jsonb_head, int8_jsonb_head, int8_int8_jsonb_head
+    elif kind == "json":
+        payload, payload_head, int8_payload_head, int8_int8_payload_head = \
+            json, json_head, int8_json_head, int8_int8_json_head
+    else:
+        raise ValueError(f"payload type must be one of {', '.join(PAYLOAD_TYPES)} (got {kind!r})")
+
+
 def numeric(value: str) -> bytes:
     """A ``numeric`` field from a plain decimal string such as ``"-0.00100000"``.
 
