@@ -65,6 +65,8 @@ DRIFT_LEVELS = Counter("ingestor_book_drift_levels", "Levels at which a book dis
                        ["worker", "market"])
 FEATURE_EVENTS = Counter("ingestor_feature_events", "Events the feature worker processed, by kind",
                          ["worker", "market", "kind"])
+FEATURE_LOST = Counter("ingestor_feature_events_lost", "Events kept back from the feature worker while it was "
+                       "behind (stored all the same), by kind", ["worker", "market", "kind"])
 FEATURE_REJECTED = Counter("ingestor_feature_events_rejected", "Events the feature worker could not use, by kind",
                            ["worker", "market", "kind"])
 FEATURE_LATE = Counter("ingestor_feature_late_events",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ingestor.binance.streams import Market
 
@@ -30,6 +31,7 @@ class Feed:
     kind: str  # one of FEED_KINDS
     count: int
     data: bytes  # b"[" + b",".join(payloads) + b"]"
+    lost: int = 0  # messages of this market and kind dropped just before these (the queue was full)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,26 +62,48 @@ class TradeGapRequest:
     detected_ms: int
 
 
+def put_bounded(q: Any, item: Any, limit: int) -> bool:
+    """Put ``item`` on the multiprocessing queue ``q`` unless ``limit`` items wait there (put by
+    any process, not yet taken); False: refused. Never blocks."""
+    if q.qsize() >= limit:
+        return False
+    q.put(item)
+    return True
+
+
 class MarketFeed:
     """One market's payloads on their way to the feature worker. The frame handler appends to
-    the lists (one append per kept message); ``flush`` hands each non-empty one on."""
+    the lists (one append per kept message); ``flush`` hands each non-empty one on.
 
-    __slots__ = ("market", "sink", "trades", "depth", "force_orders", "sent")
+    The sink may refuse a Feed (False: the feature worker is too far behind and its queue is
+    full): recording must never wait for the indicators. What it refused is counted, per
+    kind, and told to the worker with the next Feed that gets through (``Feed.lost``), so the
+    worker knows its bars lack those messages; the stored data has them all."""
 
-    def __init__(self, market: Market, sink: Callable[[Feed], None]) -> None:
+    __slots__ = ("market", "sink", "trades", "depth", "force_orders", "sent", "lost", "dropped")
+
+    def __init__(self, market: Market, sink: Callable[[Feed], bool | None]) -> None:
         self.market = market
         self.sink = sink
         self.trades: list[bytes] = []
         self.depth: list[bytes] = []
         self.force_orders: list[bytes] = []
         self.sent = 0
+        self.lost: dict[str, int] = {}  # kind -> refused since the last Feed that got through
+        self.dropped = 0  # refused in all
 
     def flush(self) -> None:
         for kind, parts in (("aggTrade", self.trades), ("depthUpdate", self.depth),
                             ("forceOrder", self.force_orders)):
             if parts:
-                self.sink(Feed(self.market, kind, len(parts), b"[" + b",".join(parts) + b"]"))
-                self.sent += len(parts)
+                feed = Feed(self.market, kind, len(parts), b",".join(parts).join((b"[", b"]")),
+                            self.lost.get(kind, 0))
+                if self.sink(feed) is False:
+                    self.lost[kind] = self.lost.get(kind, 0) + len(parts)
+                    self.dropped += len(parts)
+                else:
+                    self.lost.pop(kind, None)
+                    self.sent += len(parts)
                 parts.clear()
 
     def pending(self) -> int:

@@ -32,7 +32,7 @@ from ingestor.binance.plan import Connection
 from ingestor.binance.sequence import KIND_OF_TABLE, Gap, Positions
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
-from ingestor.features.feed import MarketFeed, TradeGapRequest
+from ingestor.features.feed import Feed, MarketFeed, TradeGapRequest, put_bounded
 from ingestor.workers.batching import Batch, Batcher
 from ingestor.workers.child import ChildContext, run_child
 from ingestor.workers.delivery import Delivery, WriterLink
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 FLUSH_PERIOD_S = 0.05
 ACK_WAIT_S = 20.0  # at stop, how long to wait for the writer to acknowledge the last batches
 STATUS_PERIOD_S = 1.0
+# Feature input waiting, items over all producers: about 4 s of a 100k msg/s feed on one
+# shard (a Feed is one market and kind per 50 ms), tens of MB at most.
+FEED_QUEUE_MAX = 256
 POSITIONS_PERIOD_S = 2.0  # how often the sequence positions go to the supervisor (for a restart)
 # Client pings when idle: a silent socket (a stall, a dead peer) is found within
 # IDLE + REPLY seconds. Binance counts pings against the incoming-message limit, so
@@ -228,7 +231,9 @@ class SocketWorker:
                                producer=ctx.name)
         markets = {c.market for c in connections}
         # The feature worker's copy of what is stored, handed on every flush period.
-        self.feeds = {m: MarketFeed(m, feature_queue.put) for m in markets} if feature_queue is not None else {}
+        self.feature_queue = feature_queue
+        self.feeds = {m: MarketFeed(m, self._to_features) for m in markets} if feature_queue is not None else {}
+        self.last_drop_log = 0.0
         self.handlers = {
             m: FrameHandler(m, self.batcher, symbols=frozenset(symbols.get(m, ())), on_gap=self._on_gap,
                             feed=self.feeds.get(m))
@@ -245,6 +250,23 @@ class SocketWorker:
             log.info("carrying on from the sequence positions of the worker this one replaces")
         self.totals: Any = None  # metrics.Totals, created on the first report (after import)
         self._last_status: tuple[int, float] | None = None
+
+    def _to_features(self, feed: Feed) -> bool:
+        """Hand a Feed to the feature worker unless it is FEED_QUEUE_MAX items behind: the
+        recording never waits for the indicators, and the worker's memory stays bounded.
+        (qsize counts what every producer put and the worker has not taken yet.)"""
+        if self.ctx.should_stop():  # the last Feeds at a stop: the worker drains them all
+            self.feature_queue.put(feed)
+            return True
+        if put_bounded(self.feature_queue, feed, FEED_QUEUE_MAX):
+            return True
+        now = time.monotonic()
+        if now - self.last_drop_log >= 10.0:
+            self.last_drop_log = now
+            log.warning("the feature worker is %d batches behind: %s %s messages not handed to it (stored all "
+                        "the same; `ingestor features replay` computes their bars from the database)",
+                        FEED_QUEUE_MAX, feed.market, feed.kind)
+        return False
 
     def _send(self, batch: Batch) -> None:
         # A batch of one table holds every row of it received so far: the sequence positions
@@ -337,6 +359,7 @@ class SocketWorker:
             "gaps": sum(len(h.gaps) for h in self.handlers.values()),
             "pending_rows": self.batcher.pending_rows(), "unacked_batches": len(self.delivery.pending),
             "rotations": sum(c.rotations for c in self.conns), "backfills_asked": self.backfills_asked,
+            "feature_dropped": sum(f.dropped for f in self.feeds.values()),
             **({"positions": self.safe_positions()} if positions else {}),
         })
 
