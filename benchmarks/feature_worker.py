@@ -44,10 +44,13 @@ from __future__ import annotations
 import asyncio
 import cProfile
 import dataclasses
+import gc
 import pstats
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +64,7 @@ from ingestor.config import Settings
 from ingestor.features.engine import FeatureEngine
 from ingestor.features.feed import FEED_KINDS, Feed, Snapshot
 from ingestor.features.indicators import FeatureSettings
+from ingestor.features.worker import tune_gc
 from ingestor.sim.offline import START_MS, Item, generate
 from ingestor.workers.socket_worker import FLUSH_PERIOD_S
 
@@ -303,8 +307,24 @@ def feed_engine(engine: FeatureEngine, items: list[WorkItem]) -> int:
     return bad
 
 
+@contextmanager
+def worker_gc() -> Iterator[None]:
+    """The feature worker's garbage collector settings (``worker.tune_gc``: what exists
+    is frozen, a larger young generation) for the timed passes; the defaults after."""
+    threshold = gc.get_threshold()
+    tune_gc()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
 def timed(w: Workload, name: str, bar_seconds: int = 60, warm: int = 0) -> tuple[float, FeatureEngine]:
-    """CPU seconds of one pass, a fresh engine; the first ``warm`` items fed untimed."""
+    """CPU seconds of one pass, a fresh engine; the first ``warm`` items fed untimed. The
+    previous pass's engine (cyclic: its symbols point back at it) is collected first, so
+    no pass pays for freeing another's."""
+    gc.collect()
     engine = new_engine(w, bar_seconds)
     items = w.passes[name]
     bad = feed_engine(engine, items[:warm])
@@ -480,7 +500,8 @@ def run(quick: bool) -> dict[str, Any]:
 
     eng_rate: float | None = None
     for w, label in ((fire, "(a) firehose"), (low, "(a2) low-rate mix")):
-        res = bench_sim(w, runs)
+        with worker_gc():
+            res = bench_sim(w, runs)
         cpu, c = res["cpu"], w.counts
         n_all = c["aggTrade"] + c["depthUpdate"] + c["forceOrder"]
         rates = [n_all / x for x in cpu["all"]]
@@ -530,7 +551,8 @@ def run(quick: bool) -> dict[str, Any]:
     metrics.append(metric("(a) simulator generation, both markets", sim_rates, "msg/CPU-s",
                           "one simulator process runs both markets: it cannot send more"))
 
-    profile = profile_top(fire)
+    with worker_gc():
+        profile = profile_top(fire)
     details["profile_top"] = profile
     notes.append("(a) profile of one firehose all-kinds pass (cProfile, own time, share of the pass): "
                  + "; ".join(f"{name} {share:.0%}" for name, share in profile))
@@ -551,9 +573,10 @@ def run(quick: bool) -> dict[str, Any]:
 
     if real is not None:
         cpu_real = []
-        for _ in range(runs):
-            dt, eng = timed(real, "depth")
-            cpu_real.append(dt)
+        with worker_gc():
+            for _ in range(runs):
+                dt, eng = timed(real, "depth")
+                cpu_real.append(dt)
         st = engine_state(eng)["futures"]
         book = eng.symbols[("futures", "BTCUSDT")].sync.book
         metrics.append(metric("(c) real capture: µs per depthUpdate", _per(cpu_real, real.counts["depthUpdate"]),
@@ -582,7 +605,9 @@ def run(quick: bool) -> dict[str, Any]:
         "(a) CPU seconds of one thread (process_time), the unit of the simulator's generation rate; a fresh "
         "engine per pass, default FeatureSettings (60 s bars) unless said; bars start at the boundary before "
         "the first event, so every trade goes through the bar builder. Not timed: the queue's pickling, the "
-        "rows and metrics of emitted bars (FeatureWorker.emit), the status report.",
+        "rows and metrics of emitted bars (FeatureWorker.emit), the status report. The timed passes run with "
+        "the worker's garbage collector settings (worker.tune_gc: the objects made before are frozen, young "
+        "generation 10,000), and the previous pass's engine is collected before each one.",
         "(a) The simulator also fans out and writes frames, so what it can send is below its generation rate "
         "(the sim suite: about 65,000 msg/s delivered on the reference host): the ratio is conservative.",
         f"(a) Batches: per market and kind, what one socket worker's {FLUSH_MS} ms flush holds at that rate. "

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from ingestor.binance.depth_sync import DepthGap, DepthSync, LocalBook
-from ingestor.features.book import NumpyBook, drift, new_sync, parse_levels
+from ingestor.features.book import NumpyBook, drift, level_prices, new_sync, parse_levels
 from ingestor.sim.captures import CapturedSnapshot, event_type, read_capture, snapshot_events
 from ingestor.sim.model import ModelParams
 from ingestor.sim.server import SimConfig, Simulator
@@ -102,6 +102,50 @@ def test_random_diffs_match_the_string_keyed_reference_book() -> None:
         want_b = sorted(((float(p), float(q)) for p, q in ref.bids.items()), reverse=True)
         want_a = sorted((float(p), float(q)) for p, q in ref.asks.items())
         assert levels(book) == (want_b, want_a)
+
+
+def test_top_reads_the_best_levels_as_the_sorted_book_has_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``top(n)`` keeps a short ordered list of each side's best levels; random diffs that
+    drift the price (so the list runs short and is refilled, or grows long and is
+    trimmed): after every one it reads what the sorted sides begin with."""
+    import ingestor.features.book as book_module
+
+    monkeypatch.setattr(book_module, "TOP_KEEP", 4)  # lists of 4 to 16 levels: refills and trims happen
+    rng = random.Random(12)
+    book = NumpyBook(0)
+    book.apply([[f"{t / 100:.2f}", "1"] for t in range(9_900, 10_000)],
+               [[f"{t / 100:.2f}", "1"] for t in range(10_001, 10_100)])
+    assert book.top(3) == (([99.99, 99.98, 99.97], [1.0, 1.0, 1.0]), ([100.01, 100.02, 100.03], [1.0, 1.0, 1.0]))
+    mid = 10_000
+    for i in range(3000):
+        mid += rng.choice((-3, -1, 0, 1, 3)) + (1 if i < 1000 else -1 if i < 2000 else 0)  # up, down, about
+        diff: list[list[list[str]]] = [[], []]
+        for side, sign in ((0, -1), (1, 1)):
+            for _ in range(rng.randrange(0, 10)):
+                tick = mid + sign * rng.choice((1, 1, 2, 3, 5, 8, 13, 40, 90))
+                qty = "0" if rng.random() < 0.45 else f"{rng.randrange(1, 10**4) / 100:.2f}"
+                diff[side].append([f"{tick / 100:.2f}", qty])
+        book.apply(diff[0], diff[1])
+        n = rng.choice((1, 3, 5))
+        (bp, bq), (ap, aq) = book.bids(), book.asks()
+        want = ((bp[:n].tolist(), bq[:n].tolist()), (ap[:n].tolist(), aq[:n].tolist()))
+        assert book.top(n) == want, i
+        assert book.best_bid() == (bp[0] if bp.size else None) and book.best_ask() == (ap[0] if ap.size else None)
+    assert book.top(40) == ((book.bids()[0][:40].tolist(), book.bids()[1][:40].tolist()),
+                            (book.asks()[0][:40].tolist(), book.asks()[1][:40].tolist()))
+
+
+def test_a_level_that_does_not_parse_breaks_the_book() -> None:
+    book = NumpyBook(1)
+    book.apply([["10", "1"]], [["11", "1"]])
+    assert book.changed == ((), ()) and not book.broken
+    book.apply([["10", "2"]], [["11.5", "1"], ["11", "0"]])
+    assert level_prices(book.changed) == ["10", "11.5", "11"]
+    with pytest.raises(ValueError):
+        book.apply([["9", "1"]], [["12", "one"]])
+    assert book.broken and level_prices(book.changed) == ["10", "11.5", "11"]
+    with pytest.raises(ValueError, match="rebuild"):
+        book.bids()
 
 
 # ---- sync: Binance's rules through DepthSync(book_factory=NumpyBook) ---------------------

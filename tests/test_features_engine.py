@@ -310,3 +310,119 @@ def test_a_start_margin_moves_the_first_bar_clear_of_the_first_event() -> None:
     plain = FeatureEngine(S, TICKS)  # type: ignore[arg-type]
     plain.trades("futures", [trade(1200)])
     assert plain.start_ms["futures"] == 2000
+
+
+# ---- the trade window: the inline path and the full one give the same bars ------------------
+
+
+def _bars_equal(a: Any, b: Any) -> bool:
+    for f in a.__slots__:
+        x, y = getattr(a, f), getattr(b, f)
+        if hasattr(x, "shape"):
+            if x.shape != y.shape or not (x == y).all():
+                return False
+        elif not (x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y))):
+            return False
+    return True
+
+
+def test_trades_in_the_window_give_exactly_the_bars_of_the_full_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Random trades (out of order, late, across bar ends, prices off the tick grid, in
+    batches of every size, with clock ticks between): ``FeatureEngine.trades``'s inline path
+    and ``BarBuilder.add_trade``'s first branch make the same bars, bit for bit, as every
+    trade going the full way (a builder whose trade window never opens)."""
+    from ingestor.features.bars import BarBuilder
+
+    rnd = random.Random(5)
+    symbols = ("X", "Y", "Z")
+    ticks = {("futures", s): 0.1 for s in symbols}
+    events: list[dict[str, Any]] = []
+    t = 1000
+    for i in range(6000):
+        # Steps and lags of whole 250 ms too, so that trades land on bar ends and close times.
+        t += rnd.choice((0, 0, 1, 3, 20, 150, 250, 500))
+        jitter = rnd.choice((0, 0, 0, -5, -250, -400, -1500, -1600))  # late within the delay, and past it
+        price = f"{100 + rnd.randrange(-30, 30) / 10 + rnd.choice((0, 0, 0, 0.01, 0.04)):.2f}"
+        events.append({**trade(t + jitter, p=price, q=f"{rnd.randrange(1, 500) / 100:.2f}", m=rnd.random() < 0.5,
+                                a=i), "s": rnd.choice(symbols)})
+
+    def run() -> tuple[list[Any], dict[str, int]]:
+        eng = FeatureEngine(FeatureSettings(bar_seconds=1, window=4), ticks, start_ms={"futures": 1000})
+        out, i, batch = [], 0, random.Random(9)
+        while i < len(events):
+            part = events[i:i + batch.choice((1, 2, 7, 50, 300))]
+            eng.trades("futures", part)
+            i += len(part)
+            eng.clock("futures", part[-1]["T"])
+            out += [fr.bar for fr in eng.outbox.take().rows]
+        eng.finish("futures", t + 10_000)
+        out += [fr.bar for fr in eng.outbox.take().rows]
+        c = eng.counters["futures"]
+        return out, {"trades": c.trades, "late": c.late, "bars": c.bars}
+
+    fast, fast_counts = run()
+    with monkeypatch.context() as m:
+        def closed(self: BarBuilder, start: int, acc: Any) -> None:
+            self.fast_lo, self.fast_hi = 2**62, -(2**62)
+
+        m.setattr(BarBuilder, "_set_window", closed)
+        full, full_counts = run()
+    assert fast_counts == full_counts and fast_counts["late"] > 10
+    assert len(fast) == len(full) > 3 * 100
+    assert all(_bars_equal(a, b) for a, b in zip(fast, full, strict=True))
+    # The builder on its own, trade by trade, likewise.
+    for_builder = [(e["T"], float(e["p"]), float(e["q"]), e["m"]) for e in events if e["s"] == "X"]
+
+    def built() -> list[Any]:
+        b = BarBuilder(0.1, bar_seconds=1)
+        out = [bar for x in for_builder for bar in b.add_trade(*x)]
+        return out + b.on_clock(t + 10_000)
+
+    one = built()
+    with monkeypatch.context() as m:
+        m.setattr(BarBuilder, "_set_window", closed)
+        other = built()
+    assert len(one) == len(other) > 100
+    assert all(_bars_equal(a, b) for a, b in zip(one, other, strict=True))
+
+
+def test_the_trade_window_ends_where_a_bar_closes() -> None:
+    """1 s bars, 1.5 s delay: with bar 1000 open and trades in bar 3000, the window ends at
+    3500, bar 1000's close: a trade at 3500 closes it (in a batch too), and one for it
+    after that is late."""
+    from ingestor.features.bars import BarBuilder
+
+    b = BarBuilder(0.1, bar_seconds=1)
+    assert b.add_trade(1000, 10.0, 1.0, False) == [] and b.add_trade(2000, 10.1, 1.0, False) == []
+    assert b.add_trade(3000, 10.2, 1.0, False) == [] and (b.fast_lo, b.fast_hi) == (3000, 3500)
+    assert b.add_trade(3499, 10.3, 1.0, False) == []
+    (bar,) = b.add_trade(3500, 10.4, 1.0, False)
+    assert bar.start_ms == 1000 and (b.fast_lo, b.fast_hi) == (3000, 4000)
+    assert b.add_trade(1999, 10.0, 1.0, False) == [] and b.late_dropped == 1
+    eng = engine()
+    eng.trades("futures", [trade(1000), trade(2000), trade(3000), trade(3499), trade(3500), trade(1999)])
+    assert eng.counters["futures"].late == 1
+    eng.finish("futures", 3000)
+    assert [(r.bar.start_ms, r.bar.trades) for r in rows(eng)] == [(1000, 1), (2000, 1)]
+
+
+def test_a_diff_with_a_bad_level_breaks_the_book_until_the_gap_rebuilds_it() -> None:
+    eng = engine()
+    eng.snapshot("futures", "X", 900, SNAP)
+    eng.depth("futures", [A, B])
+    st = eng.symbols[("futures", "X")]
+    book = st.sync.book
+    assert book is not None
+    # The bids apply, then an ask does not parse: counted, and the book is broken (half applied).
+    bad = diff(111, 115, 110, 2050, b=[("9.8", "2")], a=[("10.1", "x")])
+    assert eng.depth("futures", [bad]) == 1
+    assert book.broken and book.last_update_id == 110
+    assert st._view() is None  # its state is unknown: no bar takes it
+    eng.snapshot("futures", "X", 2060, {"lastUpdateId": 110, **{k: SNAP[k] for k in ("bids", "asks")}})
+    assert eng.counters["futures"].drift_skipped == 1 and not eng.outbox.drift
+    # The next diff shows the hole (111..115 never applied): a gap, and a rebuild.
+    eng.depth("futures", [diff(116, 120, 115, 2100)])
+    out = eng.outbox.take()
+    assert [(g.first_missing, g.last_missing) for g in out.gaps] == [] and out.requests == [("futures", "X")]
+    assert [(g.first_missing, g.last_missing) for g in eng.open_gaps()] == [(111, 115)]
+    assert st.sync.book is None

@@ -106,7 +106,7 @@ class _Acc:
 
     __slots__ = (
         "open", "open_t", "high", "low", "close", "close_t", "buy", "sell", "trades", "quote",
-        "liq_long", "liq_short", "fp",
+        "liq_long", "liq_short", "fp", "cells",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -125,6 +125,9 @@ class _Acc:
         # Footprint by price in whole ticks -> [ask_vol, bid_vol]; grouped into buckets at close,
         # once the open (which fixes the bucket size) is known even if trades came out of order.
         self.fp: dict[int, list[float]] = {}
+        # Price -> its tick's cell in ``fp`` (the same list object): ``round(price / tick)``
+        # once per price and bar, not once per trade.
+        self.cells: dict[float, list[float]] = {}
 
 
 class BarBuilder:
@@ -151,8 +154,18 @@ class BarBuilder:
         self._open: dict[int, _Acc] = {}  # bar start -> bar being built (start >= _next_start)
         self._next_start: int | None = None  # start of the next bar to close
         self._prev_close = math.nan
-        self._watermark = -(2**62)
+        self._watermark = -(2**62)  # trades taken in the window move it lazily (_advance)
         self.late_dropped = 0
+        # The trade window: a trade with ``fast_lo <= time < fast_hi`` falls in the bar being
+        # built at ``fast_lo`` (``fast_acc``, which has a trade already) and can close no bar,
+        # so it only adds to ``fast_acc``: ``add_trade``'s first branch, and the loop of
+        # ``FeatureEngine.trades``, which does the same inline. Such a trade does not move
+        # ``_watermark`` either: its time is at most ``fast_acc.close_t``, which ``_advance``
+        # takes in before it reads the watermark. Set by every other trade and moved by the
+        # bars closing (``_set_window``); empty (lo > hi) until then.
+        self.fast_lo = 2**62
+        self.fast_hi = -(2**62)
+        self.fast_acc = _Acc()
 
     @classmethod
     def from_settings(cls, settings: FeatureSettings, tick_size: float) -> BarBuilder:
@@ -171,12 +184,33 @@ class BarBuilder:
 
     def add_trade(self, time_ms: int, price: float, qty: float, buyer_is_maker: bool) -> list[Bar]:
         """One trade (``T``, ``p``, ``q``, ``m``); returns the bars closed by its time."""
+        if self.fast_lo <= time_ms < self.fast_hi:  # the common case: see the trade window
+            acc = self.fast_acc
+            if time_ms < acc.open_t:
+                acc.open, acc.open_t = price, time_ms
+            if time_ms >= acc.close_t:
+                acc.close, acc.close_t = price, time_ms
+            if price > acc.high:
+                acc.high = price
+            elif price < acc.low:  # high >= low: the window's bar has a trade
+                acc.low = price
+            acc.trades += 1
+            acc.quote += price * qty
+            cell = acc.cells.get(price) or self._cell(acc, price)
+            if buyer_is_maker:
+                acc.sell += qty
+                cell[1] += qty
+            else:
+                acc.buy += qty
+                cell[0] += qty
+            return []
         if self._next_start is None:
             self._next_start = time_ms - time_ms % self.bar_ms
-        acc = self._acc_for(time_ms)
-        if acc is None:
+        into = self._acc_for(time_ms)
+        if into is None:
             self.late_dropped += 1
         else:
+            acc = into
             # open/close by trade time (ties: arrival order), so a late trade lands where it belongs.
             if time_ms < acc.open_t:
                 acc.open, acc.open_t = price, time_ms
@@ -188,18 +222,37 @@ class BarBuilder:
                 acc.low = price
             acc.trades += 1
             acc.quote += price * qty
-            # Whole ticks, so that bucket edges do not depend on float division noise.
-            tick = round(price / self.tick_size)
-            cell = acc.fp.get(tick)
-            if cell is None:
-                cell = acc.fp[tick] = [0.0, 0.0]
+            cell = acc.cells.get(price) or self._cell(acc, price)
             if buyer_is_maker:  # m == true: the seller took the bid, a market sell
                 acc.sell += qty
                 cell[1] += qty
             else:  # m == false: the buyer took the ask, a market buy
                 acc.buy += qty
                 cell[0] += qty
-        return self._advance(time_ms)
+        bars = self._advance(time_ms)
+        if into is not None:
+            self._set_window(time_ms - time_ms % self.bar_ms, into)
+        return bars
+
+    def _cell(self, acc: _Acc, price: float) -> list[float]:
+        """The footprint cell of ``price``'s tick in ``acc`` (made on its first trade)."""
+        # Whole ticks, so that bucket edges do not depend on float division noise.
+        tick = round(price / self.tick_size)
+        cell = acc.fp.get(tick)
+        if cell is None:
+            cell = acc.fp[tick] = [0.0, 0.0]
+        acc.cells[price] = cell
+        return cell
+
+    def _set_window(self, start: int, acc: _Acc) -> None:
+        """The trade window on the bar at ``start`` (``acc``, with a trade), as far as a
+        trade can go without closing a bar; empty when that bar has closed."""
+        ns = self._next_start
+        if ns is None or start < ns or acc.trades == 0:
+            self.fast_lo, self.fast_hi = 2**62, -(2**62)
+        else:
+            self.fast_lo, self.fast_hi, self.fast_acc = start, min(start + self.bar_ms,
+                                                                   ns + self.bar_ms + self.delay_ms), acc
 
     def add(self, trade: Trade) -> list[Bar]:
         return self.add_trade(trade.time_ms, trade.price, trade.qty, trade.buyer_is_maker)
@@ -223,15 +276,21 @@ class BarBuilder:
     # -- output -------------------------------------------------------------------------------
 
     def _advance(self, time_ms: int) -> list[Bar]:
-        if time_ms > self._watermark:
-            self._watermark = time_ms
+        wm = self._watermark
+        if self.fast_acc.close_t > wm:  # trades taken in the window (see there)
+            wm = self.fast_acc.close_t
+        if time_ms > wm:
+            wm = time_ms
+        self._watermark = wm
         out: list[Bar] = []
         if self._next_start is None:
             return out
-        while self._next_start + self.bar_ms + self.delay_ms <= self._watermark:
+        while self._next_start + self.bar_ms + self.delay_ms <= wm:
             start = self._next_start
             out.append(self._close(start, self._open.pop(start, None)))
             self._next_start = start + self.bar_ms
+        if out and self.fast_lo < self.fast_hi:  # the window's bar may have closed, its end moved
+            self._set_window(self.fast_lo, self.fast_acc)
         return out
 
     def _close(self, start: int, acc: _Acc | None) -> Bar:

@@ -44,7 +44,7 @@ import numpy as np
 from ingestor.binance.depth_sync import DepthGap, DepthSync
 from ingestor.binance.streams import Market
 from ingestor.features.bars import Bar, BarBuilder, Liquidation
-from ingestor.features.book import F64, NumpyBook, drift, new_sync
+from ingestor.features.book import F64, NumpyBook, changed_prices, drift, level_prices, new_sync
 from ingestor.features.indicators import BookSide, FeatureSettings, FeatureState
 
 IDLE, SYNCING, SYNCED = "idle", "syncing", "synced"
@@ -160,6 +160,7 @@ class SymbolState:
         s = engine.settings
         self.bar_ms = s.bar_seconds * 1000
         self.sync: DepthSync[NumpyBook] = new_sync(market, self._before_apply)
+        self.counters = engine.counters[market]
         self.bars = BarBuilder.from_settings(s, tick_size)
         self.features = FeatureState(tick_size, s)
         self.status = IDLE
@@ -170,7 +171,7 @@ class SymbolState:
         self.decided_end = -(2**62)  # bar ends up to here have their book decided
         self.cuts: deque[tuple[int, BookView | None]] = deque()  # (bar end, book then), increasing
         self.waiting: deque[Bar] = deque()  # closed bars waiting for their book
-        self.recent: deque[tuple[int, F64]] = deque(maxlen=RECENT_DIFFS)  # (u, signed keys it changed)
+        self.recent: deque[tuple[int, list[Any]]] = deque(maxlen=RECENT_DIFFS)  # (u, prices it changed)
         self.synced_lid = 0
         self.checks: list[dict[str, Any]] = []  # snapshots ahead of the book, to check when it gets there
         self.last_e = 0
@@ -179,19 +180,22 @@ class SymbolState:
 
     # -- the book ---------------------------------------------------------------------------
 
-    def _view(self) -> BookView:
-        """Copies (the book changes in place) of the levels 4.5 and 4.6 read: the best
-        ``obi_levels`` and every level inside the wall band around the mid."""
+    def _view(self) -> BookView | None:
+        """The levels 4.5 and 4.6 read: the best ``obi_levels`` and every level inside the
+        wall band around the mid (read-only arrays the book never changes: no copies).
+        None (unknown) when the book's last diff failed half way."""
         book = self.sync.book
         assert book is not None
+        if book.broken:
+            return None
         s = self.engine.settings
         (bp, bq), (ap, aq) = book.bids(), book.asks()
         if bp.size == 0 or ap.size == 0:
-            return BookView((bp.copy(), bq.copy()), (ap.copy(), aq.copy()))
+            return BookView((bp, bq), (ap, aq))
         mid = (float(bp[0]) + float(ap[0])) / 2.0
         nb = max(s.obi_levels, int(np.searchsorted(-bp, -mid * (1 - s.wall_band_pct / 100), side="right")))
         na = max(s.obi_levels, int(np.searchsorted(ap, mid * (1 + s.wall_band_pct / 100), side="right")))
-        return BookView((bp[:nb].copy(), bq[:nb].copy()), (ap[:na].copy(), aq[:na].copy()))
+        return BookView((bp[:nb], bq[:nb]), (ap[:na], aq[:na]))
 
     def _decide_until(self, end: int, view: BookView | None) -> None:
         """Record ``view`` as the book at every undecided bar end up to ``end``."""
@@ -214,29 +218,32 @@ class SymbolState:
                 self._decide_until(end, self._view())
         self.fresh = False
         # The diff applied before this one (NumpyBook keeps its levels): this one's are
-        # book.changed once it is applied.
-        self.recent.append((book.last_update_id, book.changed))
+        # book.changed once it is applied. Its prices are kept, not its level lists (see
+        # NumpyBook.changed): level_prices, inline.
+        bids, asks = book.changed
+        self.recent.append((book.last_update_id, [lv[0] for side in (bids, asks) for lv in side]))
         self.last_e = ev["E"]
 
     def on_diff(self, ev: dict[str, Any]) -> None:
-        eng = self.engine
         # What the sync rules read, checked before the event is buffered or applied (a bad
-        # level is caught where it is parsed, before the book changes).
+        # level is caught where it is parsed: see NumpyBook on a diff that fails half way).
         if not (isinstance(ev["E"], int) and isinstance(ev["U"], int) and isinstance(ev["u"], int)
                 and isinstance(ev["b"], list) and isinstance(ev["a"], list)
                 and (self.market == "spot" or isinstance(ev["pu"], int))):
             raise TypeError("E, U, u, pu, b or a")
-        eng.counters[self.market].diffs += 1
+        self.counters.diffs += 1
+        sync = self.sync
         try:
-            self.sync.on_event(ev)  # buffered while there is no book
+            sync.on_event(ev)  # buffered while there is no book
         except DepthGap as gap:
             self._gap(gap, ev)
             return
-        if not self.sync.synced:
+        if sync.book is None:
             self._try_held()
-        if self.checks and self.sync.book is not None:
+        if self.checks and sync.book is not None:
             self._run_checks()
-        self._resolve()
+        if self.waiting:
+            self._resolve()
 
     def _try_held(self) -> None:
         """Diffs are buffering: build the book from a snapshot that came before them, or ask."""
@@ -358,6 +365,9 @@ class SymbolState:
         book = self.sync.book
         assert book is not None
         c = eng.counters[self.market]
+        if book.broken:  # its last diff failed half way: the next diff resyncs it
+            c.drift_skipped += 1
+            return
         lid = int(snapshot["lastUpdateId"])
         changed: F64 | None = None
         if lid != book.last_update_id:
@@ -369,7 +379,7 @@ class SymbolState:
             if not covered:
                 c.drift_skipped += 1
                 return
-            changed = np.abs(np.concatenate([*later, book.changed]))
+            changed = changed_prices([*later, level_prices(book.changed)])
         mismatches = drift(book, snapshot, eng.snapshot_limit, changed)
         excluded = 0 if changed is None else int(np.unique(changed).size)
         eng.outbox.drift.append(DriftCheck(self.market, self.symbol, lid, mismatches, excluded))
@@ -459,6 +469,7 @@ class FeatureEngine:
         self.max_book_wait_ms = max_book_wait_ms
         self.bar_ms = settings.bar_seconds * 1000
         self.symbols: dict[tuple[Market, str], SymbolState] = {}
+        self._builders: dict[Market, dict[str, BarBuilder]] = {}  # per market, symbol -> its bars
         self.attention: set[SymbolState] = set()  # symbols the clock must visit before the next bar
         self.outbox = Outbox()
         self.counters: dict[Market, Counters] = {"spot": Counters(), "futures": Counters()}
@@ -518,6 +529,7 @@ class FeatureEngine:
                 self.counters[market].unknown_symbol += 1
                 return None
             st = self.symbols[(market, symbol)] = SymbolState(self, market, symbol, tick)
+            self._builders.setdefault(market, {})[symbol] = st.bars
         return st
 
     # Each input method returns how many events it could not use (a field missing or of the
@@ -525,23 +537,61 @@ class FeatureEngine:
     # checked the fields it stores; these are the ones only the indicators read.
 
     def trades(self, market: Market, events: list[dict[str, Any]]) -> int:
-        """``aggTrade`` payloads, in arrival order. The hot loop of the worker: per trade only
-        the checks and the bar builder; clock and counters move once per batch."""
+        """``aggTrade`` payloads, in arrival order. The hot loop of the worker: per trade the
+        checks and the bar builder; clock and counters move once per batch.
+
+        A trade that passes the checks on their fast side (an ``int`` time, a ``bool`` maker
+        flag, a positive finite price and notional) and falls in its builder's trade window
+        (``BarBuilder.fast_lo``/``fast_hi``: the bar being built, no bar to close) is added
+        here inline, exactly as ``BarBuilder.add_trade``'s first branch adds it; every other
+        one goes the full way below (``tests/test_features_engine.py`` holds the two to the
+        same bars)."""
         symbols = self.symbols
+        builders = self._builders.setdefault(market, {})
+        get = builders.get
         start = self.start_ms.get(market)
+        inf = math.inf
         newest = 0
-        bad = n = late = 0
+        bad = slow = n = late = 0  # slow: good trades that went the full way; n: those of known symbols
         for ev in events:
             try:
                 t, symbol = ev["T"], ev["s"]
                 price, qty, maker = float(ev["p"]), float(ev["q"]), ev["m"]
-                if not isinstance(t, int) or not isinstance(maker, bool):
-                    raise TypeError("T or m")
-                if not (0.0 < price < math.inf and 0.0 < qty < math.inf):  # NaN fails too
-                    raise ValueError("p or q")
             except _BAD:
                 bad += 1
                 continue
+            pq = price * qty
+            if t.__class__ is int and (maker is True or maker is False) and 0.0 < price and 0.0 < pq < inf:
+                b = get(symbol)
+                if b is not None and b.fast_lo <= t < b.fast_hi:
+                    if t > newest:
+                        newest = t
+                    acc = b.fast_acc
+                    if t < acc.open_t:
+                        acc.open, acc.open_t = price, t
+                    if t >= acc.close_t:
+                        acc.close, acc.close_t = price, t
+                    if price > acc.high:
+                        acc.high = price
+                    elif price < acc.low:
+                        acc.low = price
+                    acc.trades += 1
+                    acc.quote += pq
+                    cell = acc.cells.get(price) or b._cell(acc, price)
+                    if maker:
+                        acc.sell += qty
+                        cell[1] += qty
+                    else:
+                        acc.buy += qty
+                        cell[0] += qty
+                    continue
+            if not isinstance(t, int) or not isinstance(maker, bool):  # T or m
+                bad += 1
+                continue
+            if not (0.0 < price < inf and 0.0 < qty < inf):  # p or q (NaN fails too)
+                bad += 1
+                continue
+            slow += 1
             if t > newest:
                 newest = t
             if start is None:  # the market's first event: its first whole bar follows it
@@ -562,18 +612,20 @@ class FeatureEngine:
         if newest:
             self._seen(market, newest)
         c = self.counters[market]
-        c.trades += n
+        c.trades += len(events) - bad - slow + n  # the inline ones, and the known ones of the rest
         c.late += late
         return bad
 
     def depth(self, market: Market, events: list[dict[str, Any]]) -> int:
-        """``depthUpdate`` payloads, in arrival order. A diff with a bad level is not applied,
-        and the next one shows the hole: a gap and a resync."""
+        """``depthUpdate`` payloads, in arrival order. A diff with a bad level leaves the book
+        broken (see ``NumpyBook``), and the next one shows the hole: a gap and a resync."""
         bad = 0
+        symbols = self.symbols
         for ev in events:
             try:
                 self._seen(market, ev["E"])
-                st = self._state(market, ev["s"])
+                symbol = ev["s"]
+                st = symbols.get((market, symbol)) or self._state(market, symbol)
                 if st is not None:
                     st.on_diff(ev)
             except _BAD:
