@@ -64,8 +64,8 @@ from ingestor.config import Settings
 from ingestor.features.engine import FeatureEngine
 from ingestor.features.feed import FEED_KINDS, Feed, Snapshot
 from ingestor.features.indicators import FeatureSettings
-from ingestor.features.worker import tune_gc
 from ingestor.sim.offline import START_MS, Item, generate
+from ingestor.workers.child import tune_gc
 from ingestor.workers.socket_worker import FLUSH_PERIOD_S
 
 MARKETS: tuple[Market, ...] = ("spot", "futures")
@@ -309,7 +309,7 @@ def feed_engine(engine: FeatureEngine, items: list[WorkItem]) -> int:
 
 @contextmanager
 def worker_gc() -> Iterator[None]:
-    """The feature worker's garbage collector settings (``worker.tune_gc``: what exists
+    """The feature worker's garbage collector settings (``child.tune_gc``: what exists
     is frozen, a larger young generation) for the timed passes; the defaults after."""
     threshold = gc.get_threshold()
     tune_gc()
@@ -606,7 +606,7 @@ def run(quick: bool) -> dict[str, Any]:
         "engine per pass, default FeatureSettings (60 s bars) unless said; bars start at the boundary before "
         "the first event, so every trade goes through the bar builder. Not timed: the queue's pickling, the "
         "rows and metrics of emitted bars (FeatureWorker.emit), the status report. The timed passes run with "
-        "the worker's garbage collector settings (worker.tune_gc: the objects made before are frozen, young "
+        "the worker's garbage collector settings (child.tune_gc: the objects made before are frozen, young "
         "generation 10,000), and the previous pass's engine is collected before each one.",
         "(a) The simulator also fans out and writes frames, so what it can send is below its generation rate "
         "(the sim suite: about 65,000 msg/s delivered on the reference host): the ratio is conservative.",

@@ -19,7 +19,6 @@ would be incomplete.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import queue
 import time
@@ -34,7 +33,7 @@ from ingestor.config import Settings
 from ingestor.features.engine import DIFF_WAIT_MS, FeatureEngine, Outbox
 from ingestor.features.feed import DRAIN, Feed, Snapshot, SnapshotRequest
 from ingestor.workers.batching import Batcher
-from ingestor.workers.child import ChildContext, run_child
+from ingestor.workers.child import ChildContext, run_child, tune_gc
 from ingestor.workers.delivery import Delivery, WriterLink
 
 log = logging.getLogger(__name__)
@@ -48,23 +47,6 @@ MAX_ITEMS_PER_TURN = 256  # queue items taken per turn before the clock and outp
 WATCH_INDICATORS = ("close", "cvd", "panic_index", "absorption", "obi", "cascade_exhaustion", "fp_imbalance",
                     "dist_to_buy_wall", "dist_to_sell_wall", "signal")
 _BAD_EVENT = (KeyError, TypeError, ValueError, IndexError, AttributeError)
-# Young generation of the cyclic garbage collector (CPython's default: 700 allocations). The
-# worker allocates a list per diff level (the parsed Feeds): a collection every 700 walks the
-# batch still being processed and promotes it, and the promotions bring full collections.
-GC_GEN0 = 10_000
-
-
-def tune_gc() -> None:
-    """For a process that parses Feeds: what exists at the start (modules, settings, tables)
-    is moved out of the collector's sight (``gc.freeze``), so a full collection walks only
-    what came after, and the young generation is larger (``GC_GEN0``), so most parsed
-    payloads are freed by their reference counts before a collection sees them."""
-    gc.collect()
-    gc.freeze()
-    _gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0, gen1, gen2)
-
-
 class FeatureWorker:
     def __init__(self, ctx: ChildContext, tick_sizes: dict[tuple[Market, str], float], in_queue: Any,
                  link: WriterLink, request_queue: Any, status_queue: Any, dsn: str | None = None,
