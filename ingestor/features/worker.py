@@ -88,10 +88,15 @@ class FeatureWorker:
     def _take(self) -> list[Any]:
         """Blocking (briefly): the next items on the queue, up to a turn's worth."""
         try:
-            items = [self.in_queue.get(timeout=TICK_S)]
+            first = self.in_queue.get(timeout=TICK_S)
         except queue.Empty:
             return []
-        while len(items) < MAX_ITEMS_PER_TURN:
+        return [first, *self._take_ready(MAX_ITEMS_PER_TURN - 1)]
+
+    def _take_ready(self, limit: int = MAX_ITEMS_PER_TURN) -> list[Any]:
+        """Without blocking: the items on the queue now, at most ``limit``."""
+        items: list[Any] = []
+        while len(items) < limit:
             try:
                 items.append(self.in_queue.get_nowait())
             except queue.Empty:
@@ -206,7 +211,9 @@ class FeatureWorker:
         last_status = last_tick = 0.0
         draining = False
         while not draining:
-            items = await loop.run_in_executor(None, self._take)
+            # What is there already is taken right here; only an empty queue is waited on in a
+            # thread (a thread hop per turn cost a tenth of the worker's CPU at full rate).
+            items = self._take_ready() or await loop.run_in_executor(None, self._take)
             for item in items:
                 if isinstance(item, str) and item == DRAIN:
                     draining = True
