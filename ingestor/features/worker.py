@@ -213,7 +213,11 @@ class FeatureWorker:
         while not draining:
             # What is there already is taken right here; only an empty queue is waited on in a
             # thread (a thread hop per turn cost a tenth of the worker's CPU at full rate).
-            items = self._take_ready() or await loop.run_in_executor(None, self._take)
+            items = self._take_ready()
+            if items:
+                await asyncio.sleep(0)  # the loop's other work (signals, the recompute task) still runs
+            else:
+                items = await loop.run_in_executor(None, self._take)
             for item in items:
                 if isinstance(item, str) and item == DRAIN:
                     draining = True
