@@ -57,6 +57,7 @@ from ingestor.binance.streams import Market
 from ingestor.config import Settings
 from ingestor.db.migrate import capabilities, migrate
 from ingestor.sim.offline import generate
+from ingestor.sim.tape import digits as ascii_digits
 from ingestor.writer import copy_binary as cb
 from ingestor.writer.copier import copy_rows
 from ingestor.writer.process import MAX_COPY_BYTES
@@ -89,7 +90,6 @@ TRADE_BASE = 4_000_000_000_000  # aggTrade f/l (trade ids)
 TRADES_PER_AGG = 8  # room for f..l per aggTrade
 UPDATE_STRIDE = 10_000  # room for U..u per depth update
 DIGITS = 13
-_LIMIT = 10**DIGITS
 _COPY_OVERHEAD = len(cb.HEADER) + len(cb.TRAILER)
 
 # Which fields are renumbered: JSON key -> (class, multiplier of the row sequence).
@@ -179,24 +179,6 @@ def _field_starts(row: bytes) -> list[int]:
 
 
 # ASCII digits of 0000..9999 as one uint32 each: a 13-digit number is 4 lookups.
-_DIGITS4 = np.array([[48 + int(c) for c in f"{i:04d}"] for i in range(10_000)], dtype=np.uint8).view(np.uint32)[:, 0]
-
-
-def ascii_digits(values: np.ndarray) -> np.ndarray:
-    """(rows, 13) ASCII digits of non-negative int64 ``values`` below 10**13, zero-padded."""
-    if len(values) and (int(values.min()) < 0 or int(values.max()) >= _LIMIT):
-        raise OverflowError("a renumbered id or time outgrew 13 digits")
-    # Division by a scalar is numpy's fast path; divmod is not.
-    hi = values // 10**12
-    rest = values - hi * 10**12
-    g1 = rest // 10**8
-    rest -= g1 * 10**8
-    g2 = rest // 10**4
-    g3 = rest - g2 * 10**4
-    groups = np.stack([_DIGITS4[hi], _DIGITS4[g1], _DIGITS4[g2], _DIGITS4[g3]], axis=1)
-    return groups.view(np.uint8)[:, 16 - DIGITS:]  # "000d" + 3 x 4 digits: drop the padding
-
-
 @dataclass(frozen=True)
 class Patch:
     """One renumbered field in one batch: where it is, its values, how it shifts per pass."""
