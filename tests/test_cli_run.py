@@ -94,7 +94,7 @@ async def test_migrate_is_idempotent_and_records_versions() -> None:
             hyper = await conn.fetchval("SELECT count(*) FROM timescaledb_information.hypertables")
         finally:
             await conn.close()
-        assert versions == sorted(p.name for p in (Path(__file__).parents[1] / "sql").glob("*.sql"))
+        assert versions == sorted(p.name for p in (Path(__file__).parents[1] / "ingestor" / "db" / "sql").glob("*.sql"))
         assert hyper == 7  # six data tables and features
     finally:
         await drop_database(SYSTEM_PG, dsn)

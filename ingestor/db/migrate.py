@@ -1,4 +1,4 @@
-"""Numbered SQL migrations from ``sql/``, applied once each and recorded.
+"""Numbered SQL migrations from ``ingestor/db/sql/`` (package data, so an installed wheel has them), applied once each and recorded.
 
 Every file is idempotent on its own; ``schema_migrations`` records which ran (with a
 checksum, so an edited migration is reported rather than silently skipped). An advisory
@@ -17,7 +17,7 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x1A6E5704  # arbitrary, fixed: "ingestor migrations"
 
@@ -40,6 +40,8 @@ def load_migrations(sql_dir: Path = SQL_DIR) -> list[Migration]:
         if not m:
             raise ValueError(f"migration file name must look like 001_name.sql: {path}")
         out.append(Migration(int(m.group(1)), path.name, path.read_text()))
+    if not out:  # an install without its migrations must not start on an empty schema
+        raise FileNotFoundError(f"no migrations (NNN_name.sql) in {sql_dir}: the package is installed without them")
     versions = [m.version for m in out]
     if len(set(versions)) != len(versions):
         raise ValueError(f"two migrations share a number in {sql_dir}")
