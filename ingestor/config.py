@@ -22,6 +22,7 @@ from dotenv import dotenv_values
 
 from ingestor.binance.streams import DEPTH_SPEEDS, MARKETS, Market
 from ingestor.features.indicators import FeatureSettings
+from ingestor.logs import LOG_FORMATS
 
 ENV_PREFIX = "INGESTOR_"
 
@@ -93,6 +94,8 @@ class Settings:
     feature_watchlist: tuple[str, ...] = field(default=(), metadata=_opt(
         "symbols whose latest indicators are exported as per-symbol gauges (keep it short)"))
     log_level: str = field(default="INFO", metadata=_opt("DEBUG, INFO, WARNING or ERROR"))
+    log_format: str = field(default="text", metadata=_opt(
+        "log lines: text (readable) or json (one object per line, with each event's context as keys)"))
 
     # -- derived --------------------------------------------------------------------
 
@@ -258,6 +261,8 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"feature_watchlist: not a symbol: {sym!r}")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log_level: {s.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    if s.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format: {s.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
 
 
 def _bool(raw: Any) -> bool:

@@ -19,6 +19,12 @@ REJECTED = Counter("ingestor_frames_rejected", "Frames counted and skipped, by r
 STALE = Counter("ingestor_stale_events", "Events at or behind the last id seen, not stored again",
                 ["worker", "market"])
 GAPS = Counter("ingestor_gaps_detected", "Sequence gaps detected", ["worker", "market", "stream"])
+# Counted where each gap's stream_gaps row gets its final closed_how: the socket workers
+# (unrecoverable at once: diffs, id-less streams), the writer (a trade gap's backfill
+# committed: backfilled, or unrecoverable when REST lacked ids), the feature worker (a
+# book rebuilt: resynced). For aggTrade, detected minus closed is the backfills in flight.
+GAPS_CLOSED = Counter("ingestor_gaps_closed", "Gaps closed in stream_gaps, by how: backfilled, resynced, unrecoverable",
+                      ["worker", "market", "stream", "how"])
 RECONNECTS = Counter("ingestor_reconnects", "WebSocket reconnects", ["worker", "market"])
 CONNECT_FAILURES = Counter("ingestor_connect_failures",
                            "WebSocket connects that failed (DNS, TCP, TLS, a bad handshake); retried with backoff",

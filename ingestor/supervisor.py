@@ -258,7 +258,10 @@ class Supervisor:
                 proc = child.process
                 if proc is not None and proc.exitcode is not None:
                     log.error("%s (pid %d) exited with %s; restarting in %.1f s", child.name, proc.pid,
-                              proc.exitcode, child.backoff_s)
+                              proc.exitcode, child.backoff_s, extra={
+                                  "event": "worker_exit", "child": child.name, "pid": proc.pid,
+                                  "exitcode": proc.exitcode, "restarts": child.restarts,
+                                  "delay_s": child.backoff_s})
                     multiprocess.mark_process_dead(proc.pid)
                     for q in child.reads:
                         release_reader_lock(q)

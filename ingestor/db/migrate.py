@@ -1,4 +1,6 @@
-"""Numbered SQL migrations from ``ingestor/db/sql/`` (package data, so an installed wheel has them), applied once each and recorded.
+"""Numbered SQL migrations from ``ingestor/db/sql/``, applied once each and recorded.
+
+The files are package data, so an installed wheel carries them.
 
 Every file is idempotent on its own; ``schema_migrations`` records which ran (with a
 checksum, so an edited migration is reported rather than silently skipped). An advisory

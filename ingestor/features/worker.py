@@ -30,7 +30,7 @@ import orjson
 from ingestor.binance import rows
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
-from ingestor.features.engine import DIFF_WAIT_MS, FeatureEngine, Outbox
+from ingestor.features.engine import DIFF_WAIT_MS, BookGap, FeatureEngine, Outbox
 from ingestor.features.feed import DRAIN, Feed, Snapshot, SnapshotRequest
 from ingestor.workers.batching import Batcher
 from ingestor.workers.child import ChildContext, run_child, tune_gc
@@ -80,6 +80,7 @@ class FeatureWorker:
         self.recomputing: dict[Market, asyncio.Task[None]] = {}  # per market, the fill of missed bars
         self.recomputed: dict[str, Any] = {}
         self.start_syncs = 0  # books built from their first snapshot, not yet logged
+        self.resynced_gaps: dict[Market, int] = {}  # book gaps closed by a rebuilt book
         self.totals: Any = None
         self._last_log_reject = 0.0
 
@@ -178,31 +179,57 @@ class FeatureWorker:
                     M.FEATURE_VALUE.labels(w, fr.market, fr.symbol, name).set(float(fr.row[name]))
         for market, end_ms in oldest.items():  # one observation per turn: metrics cost nothing per row
             M.FEATURE_BAR_DELAY.labels(w, market).observe(max(0.0, wall - end_ms / 1000))
+        # A resync closes the book's gap in the same turn: one line says both.
+        closed: dict[tuple[Market, str], list[BookGap]] = {}
+        for g in out.gaps:
+            closed.setdefault((g.market, g.symbol), []).append(g)
+            self._gap_row(g.market, g.symbol, g.first_missing, g.last_missing, g.from_ms, g.to_ms,
+                          g.detected_ms, g.closed_ms)
         for sy in out.syncs:
             self.batcher.add("book_syncs", rows.book_sync(sy.market, sy.symbol, sy.time_ms, sy.snapshot_time_ms,
                                                           sy.last_update_id, sy.reason, sy.buffered), sy.time_ms)
             if sy.reason != "start":
-                log.warning("%s %s: book rebuilt after a %s from the snapshot at update id %d (%d buffered diffs)",
-                            sy.market, sy.symbol, sy.reason, sy.last_update_id, sy.buffered)
+                gaps = closed.get((sy.market, sy.symbol))
+                gap = gaps.pop(0) if gaps else None
+                missed = "" if gap is None else f", missed update ids {gap.first_missing}..{gap.last_missing}"
+                ids = {} if gap is None else {"from_id": gap.first_missing, "to_id": gap.last_missing}
+                log.warning("%s %s: book resynced after a %s from the snapshot at update id %d (%d buffered diffs%s)",
+                            sy.market, sy.symbol, sy.reason, sy.last_update_id, sy.buffered, missed, extra={
+                                "event": "book_resync", "market": sy.market, "symbol": sy.symbol, "stream": "book",
+                                "reason": sy.reason, "last_update_id": sy.last_update_id, "buffered": sy.buffered,
+                                **ids})
         self.start_syncs += sum(1 for sy in out.syncs if sy.reason == "start")
-        for g in out.gaps:
-            self._gap_row(g.market, g.symbol, g.first_missing, g.last_missing, g.from_ms, g.to_ms,
-                          g.detected_ms, g.closed_ms)
+        for left in closed.values():  # closed by no resync of this turn: a line of their own
+            for g in left:
+                log.warning("%s %s: book missed update ids %d..%d; resynced", g.market, g.symbol, g.first_missing,
+                            g.last_missing, extra=self._gap_context(g.market, g.symbol, g.first_missing,
+                                                                    g.last_missing, "resynced"))
         for market, symbol in out.requests:
             self.request_queue.put(SnapshotRequest(market, symbol))
         for d in out.drift:
             if d.mismatches:
                 log.warning("%s %s: book drifted from the snapshot at update id %d: %d level(s) differ "
                             "(%d left out as changed since); resyncing", d.market, d.symbol, d.last_update_id,
-                            d.mismatches, d.excluded)
+                            d.mismatches, d.excluded, extra={
+                                "event": "book_drift", "market": d.market, "symbol": d.symbol, "stream": "book",
+                                "last_update_id": d.last_update_id, "mismatches": d.mismatches,
+                                "excluded": d.excluded})
 
     def _gap_row(self, market: Market, symbol: str, first: int, last: int, from_ms: int, to_ms: int,
                  detected_ms: int, closed_ms: int | None) -> None:
         how = "open" if closed_ms is None else "resynced"
+        if closed_ms is not None:
+            self.resynced_gaps[market] = self.resynced_gaps.get(market, 0) + 1
         self.batcher.add("stream_gaps", rows.stream_gap(market, symbol, "book", first, last, from_ms, to_ms,
                                                         detected_ms, how, closed_ms), detected_ms)
-        log.warning("%s %s: book missed update ids %d..%d; %s", market, symbol, first, last,
-                    "resynced" if closed_ms is not None else "not resynced before stopping")
+        if closed_ms is None:  # a resynced one has its line from the resync
+            log.warning("%s %s: book missed update ids %d..%d; not resynced before stopping", market, symbol, first,
+                        last, extra=self._gap_context(market, symbol, first, last, how))
+
+    @staticmethod
+    def _gap_context(market: Market, symbol: str, first: int, last: int, how: str) -> dict[str, Any]:
+        return {"event": "gap", "market": market, "symbol": symbol, "stream": "book", "from_id": first,
+                "to_id": last, "missing": last - first + 1, "closed_how": how}
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -311,6 +338,8 @@ class FeatureWorker:
                           "drift_checks": c.drift_ok + c.drift_mismatch}
         for (m, kind), n in self.rejected.items():
             t.set(M.FEATURE_REJECTED.labels(w, m, kind), n)
+        for m, n in self.resynced_gaps.items():
+            t.set(M.GAPS_CLOSED.labels(w, m, "book", "resynced"), n)
         for (m, kind), n in self.lost.items():
             t.set(M.FEATURE_LOST.labels(w, m, kind), n)
         for table, n in self.batcher.sent_rows.items():

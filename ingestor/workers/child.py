@@ -12,23 +12,14 @@ import gc
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ingestor.config import Settings
+from ingestor.logs import setup_logging
 
 log = logging.getLogger(__name__)
-
-
-def setup_logging(level: str, name: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s",
-    )
-    # picows logs every connect and disconnect at INFO; the worker logs its own line.
-    logging.getLogger("picows").setLevel(logging.WARNING)
 
 
 # Young generation of the cyclic garbage collector (CPython's default: 700 allocations).
@@ -86,7 +77,8 @@ class ChildContext:
 
 def run_child(settings: Settings, name: str, stop_event: Any,
               main: Callable[[ChildContext], Coroutine[Any, Any, None]]) -> None:
-    setup_logging(settings.log_level, name)
+    # Spawned: nothing of the parent's logging set-up is inherited; the settings say how.
+    setup_logging(settings.log_level, settings.log_format, name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ingestor.writer import copy_binary
 

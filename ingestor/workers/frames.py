@@ -119,6 +119,7 @@ class FrameHandler:
         self.rejected: dict[str, int] = {}  # reason -> count
         self.stale = 0  # events at or behind the last seen id: not stored twice
         self.gaps: list[Gap] = []
+        self.unrecoverable: dict[str, int] = {}  # stream -> gaps recorded closed (unrecoverable) at once
         # Streams without ids (mark prices, liquidations): the latest event time seen, and
         # the time gaps a lost connection opened, written once the stream flows again.
         self.last_e: dict[str, int] = {}
@@ -286,10 +287,13 @@ class FrameHandler:
     def _time_gap(self, kind: str, from_ms: int | None, to_ms: int, detected_ms: int) -> None:
         now_ms = int(time.time() * 1000)
         self.gaps.append(Gap("*", kind, -1, -1, from_ms or detected_ms, to_ms))
+        self.unrecoverable[kind] = self.unrecoverable.get(kind, 0) + 1
         self._add("stream_gaps", rows.stream_gap(self.market, "*", kind, None, None, from_ms, to_ms, detected_ms,
                                                  "unrecoverable", now_ms), now_ms)
-        log.warning("%s %s: no events between %s and %s (the connection was down): recorded as a gap",
-                    self.market, kind, from_ms, to_ms)
+        log.warning("%s %s: no events for %.1f s while the connection was down: recorded as a gap",
+                    self.market, kind, (to_ms - (from_ms or detected_ms)) / 1000, extra={
+                        "event": "gap", "market": self.market, "symbol": "*", "stream": kind,
+                        "from_ms": from_ms or detected_ms, "to_ms": to_ms, "closed_how": "unrecoverable"})
 
     def _gap(self, gap: Gap) -> None:
         self.gaps.append(gap)
@@ -297,6 +301,8 @@ class FrameHandler:
         # Trade gaps are backfilled over REST (the socket worker asks); the diffs a depth gap
         # misses can be fetched from nowhere: the book resumes from a new snapshot.
         how, closed = ("open", None) if gap.stream == "aggTrade" else ("unrecoverable", now_ms)
+        if closed is not None:
+            self.unrecoverable[gap.stream] = self.unrecoverable.get(gap.stream, 0) + 1
         self._add("stream_gaps", rows.stream_gap(
             self.market, gap.symbol, gap.stream, gap.from_id, gap.to_id, gap.from_ms, gap.to_ms, now_ms, how, closed,
         ), now_ms)

@@ -142,7 +142,9 @@ class RestWorker:
             self.done[job.kind] = self.done.get(job.kind, 0) + 1
         except (RestError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             self.failed += 1
-            log.warning("%s %s %s: %s", job.market, job.kind, job.symbol, exc)
+            log.warning("%s %s %s: %s", job.market, job.kind, job.symbol, exc, extra={
+                "event": "rest_failed", "market": job.market, "symbol": job.symbol, "job": job.kind,
+                "reason": str(exc)})
 
     async def _snapshot(self, market: Market, symbol: str) -> None:
         limit = self.settings.snapshot_limit
@@ -181,7 +183,9 @@ class RestWorker:
                         self.done["depth"] = self.done.get("depth", 0) + 1
             except (RestError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 self.failed += 1  # asked again: the feature worker after its timeout, a gap by the scan
-                log.warning("%s %s %s (asked for): %s", req.market, type(req).__name__, req.symbol, exc)
+                log.warning("%s %s %s (asked for): %s", req.market, type(req).__name__, req.symbol, exc, extra={
+                    "event": "rest_failed", "market": req.market, "symbol": req.symbol, "job": type(req).__name__,
+                    "reason": str(exc)})
             finally:
                 self.asked.discard(key)
 
@@ -249,9 +253,13 @@ class RestWorker:
                                  ids=array("q", ids).tobytes(), backfill=info))
         self.backfilled += len(items)
         self.done["backfill"] = self.done.get("backfill", 0) + 1
+        # The gap's closing line: the writer closes its row with this batch.
         (log.info if complete else log.warning)(
             "%s %s: backfilled trades %d..%d over REST (%d of %d)%s", req.market, req.symbol, req.from_id,
-            req.to_id, len(items), req.to_id - req.from_id + 1, "" if complete else ": the rest is unrecoverable")
+            req.to_id, len(items), req.to_id - req.from_id + 1, "" if complete else ": the rest is unrecoverable",
+            extra={"event": "gap_closed", "market": req.market, "symbol": req.symbol, "stream": "aggTrade",
+                   "from_id": req.from_id, "to_id": req.to_id, "missing": req.to_id - req.from_id + 1,
+                   "fetched": len(items), "closed_how": "backfilled" if complete else "unrecoverable"})
 
     async def _scan_open_gaps(self) -> None:
         """The safety net: trade gaps still open in the database (a request lost with a

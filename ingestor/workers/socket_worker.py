@@ -68,6 +68,8 @@ class _Listener(WSListener):
         self.connected = False
         self.flowing = asyncio.Event()
         self.closed = asyncio.Event()
+        self.close_reason = ""  # why it closed, for the reconnect's log line
+        self.closing_reason = ""  # set when this side closes it (picows sends no close frame then)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -85,9 +87,21 @@ class _Listener(WSListener):
             self.conn.handler.reject("frame_type", b"")  # Binance sends whole text frames only
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.close_reason = self.closing_reason or _close_reason(transport)
         self.connected = False
         self.transport = None
         self.closed.set()
+
+
+def _close_reason(transport: WSTransport) -> str:
+    """From the close frames: the exchange's (a code and its reason), or picows's own (a ping
+    not answered in time); none at all is a dropped connection."""
+    handshake = transport.close_handshake
+    for who, info in (("closed by the server", getattr(handshake, "recv", None)),
+                      ("closed here", getattr(handshake, "sent", None))):
+        if info is not None:
+            return f"{who}: {int(info.code)} {info.reason}".rstrip()
+    return "dropped, no close frame"
 
 
 class StreamConnection:
@@ -113,6 +127,7 @@ class StreamConnection:
         if len(payload) > self.settings.max_frame_bytes:
             self.handler.reject("oversize", payload)
             if listener.transport is not None:
+                listener.closing_reason = f"a frame over max_frame_bytes ({len(payload)} bytes)"
                 listener.transport.disconnect()
             return
         self.handler.on_frame(payload)
@@ -136,12 +151,14 @@ class StreamConnection:
                 self.connect_failures += 1
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
                 log.warning("%s %s: connect failed (%s); retrying in %.1f s", self.spec.market, self.spec.route,
-                            exc, delay)
+                            exc, delay, extra=self._context("connect_failed", reason=str(exc) or type(exc).__name__,
+                                                            attempt=attempt, delay_s=round(delay, 2)))
                 await _sleep_unless_stopping(ctx, delay)
                 continue
-            if attempt or self.reconnects:
-                log.info("%s %s: connected (%d streams)", self.spec.market, self.spec.route,
-                         len(self.spec.streams))
+            if attempt:  # back after failed connects (a plain reconnect has had its line)
+                log.info("%s %s: connected (%d streams) after %d failed attempt(s)", self.spec.market,
+                         self.spec.route, len(self.spec.streams), attempt,
+                         extra=self._context("connected", attempt=attempt))
             attempt = 0
             while True:  # this connection, and the ones that replace it by rotation
                 outcome = await self._serve(ctx)
@@ -153,7 +170,10 @@ class StreamConnection:
             if self.time_kinds:
                 self.handler.connection_lost(self.time_kinds)
             delay = random.uniform(0.1, 0.5)
-            log.warning("%s %s: disconnected; reconnecting in %.1f s", self.spec.market, self.spec.route, delay)
+            reason = self.listener.close_reason if self.listener is not None else ""
+            log.warning("%s %s: disconnected (%s); reconnecting in %.1f s", self.spec.market, self.spec.route,
+                        reason, delay, extra=self._context("reconnect", reason=reason, reconnects=self.reconnects,
+                                                           delay_s=round(delay, 2)))
             await _sleep_unless_stopping(ctx, delay)
 
     async def _serve(self, ctx: ChildContext) -> str:
@@ -187,13 +207,15 @@ class StreamConnection:
         try:
             new = await self._open(held)
         except Exception as exc:  # noqa: BLE001 - the old connection still serves: try again later
-            log.warning("%s %s: rotation failed to connect (%s)", self.spec.market, self.spec.route, exc)
+            log.warning("%s %s: rotation failed to connect (%s)", self.spec.market, self.spec.route, exc,
+                        extra=self._context("rotation_failed", reason=str(exc) or type(exc).__name__))
             return not old.closed.is_set()
         try:
             await asyncio.wait_for(new.flowing.wait(), ROTATION_FLOW_TIMEOUT_S)
         except TimeoutError:
             log.warning("%s %s: the rotated connection delivered nothing in %.0f s; keeping the old one",
-                        self.spec.market, self.spec.route, ROTATION_FLOW_TIMEOUT_S)
+                        self.spec.market, self.spec.route, ROTATION_FLOW_TIMEOUT_S,
+                        extra=self._context("rotation_failed", reason="no data"))
             if new.transport is not None:
                 new.transport.disconnect()
             return not old.closed.is_set()
@@ -208,8 +230,14 @@ class StreamConnection:
         new.held = None
         self.rotations += 1
         log.info("%s %s: connection rotated (make-before-break, %d frames held)", self.spec.market,
-                 self.spec.route, len(held))
+                 self.spec.route, len(held), extra=self._context("rotation", held_frames=len(held),
+                                                                 rotations=self.rotations))
         return True
+
+    def _context(self, event: str, **fields: Any) -> dict[str, Any]:
+        """A log line's fields: the event and which connection."""
+        return {"event": event, "market": self.spec.market, "route": self.spec.route,
+                "streams": len(self.spec.streams), **fields}
 
 
 async def _sleep_unless_stopping(ctx: ChildContext, delay: float) -> None:
@@ -285,7 +313,14 @@ class SocketWorker:
         return out
 
     def _on_gap(self, market: Market, gap: Gap, detected_ms: int) -> None:
-        log.warning("%s %s %s: gap, ids %d..%d missing", market, gap.symbol, gap.stream, gap.from_id, gap.to_id)
+        # As FrameHandler records it: trades stay open for a backfill over REST (its own line
+        # when that closes the gap); the diffs a depth gap misses exist nowhere.
+        how = "open" if gap.stream == "aggTrade" else "unrecoverable"
+        log.warning("%s %s %s: gap, ids %d..%d missing (%s)", market, gap.symbol, gap.stream, gap.from_id,
+                    gap.to_id, "a backfill follows" if how == "open" else how, extra={
+                        "event": "gap", "market": market, "symbol": gap.symbol, "stream": gap.stream,
+                        "from_id": gap.from_id, "to_id": gap.to_id, "missing": gap.to_id - gap.from_id + 1,
+                        "from_ms": gap.from_ms, "to_ms": gap.to_ms, "closed_how": how})
         if gap.stream == "aggTrade" and self.request_queue is not None:
             self.request_queue.put(TradeGapRequest(market, gap.symbol, gap.from_id, gap.to_id, gap.from_ms,
                                                    gap.to_ms, detected_ms))
@@ -332,6 +367,8 @@ class SocketWorker:
             for stream in {g.stream for g in h.gaps}:
                 n = sum(1 for g in h.gaps if g.stream == stream)
                 self.totals.set(M.GAPS.labels(w, m, stream), n)
+            for stream, n in h.unrecoverable.items():
+                self.totals.set(M.GAPS_CLOSED.labels(w, m, stream, "unrecoverable"), n)
             reconnects = sum(c.reconnects for c in self.conns if c.spec.market == m)
             self.totals.set(M.RECONNECTS.labels(w, m), reconnects)
             self.totals.set(M.CONNECT_FAILURES.labels(w, m),

@@ -42,6 +42,7 @@ class CopyResult:
     inserted: int = 0
     duplicates: int = 0
     rejected: int = 0
+    closed_how: str | None = None  # a backfill: how its gap's row was closed here (None: closed before)
 
     def add(self, other: CopyResult) -> None:
         self.inserted += other.inserted
@@ -150,7 +151,9 @@ async def store_backfill(conn: asyncpg.Connection, data: bytes, ids: bytes, info
     closing = R.stream_gap(info.market, info.symbol, "aggTrade", info.from_id, info.to_id, info.from_ms,
                            info.to_ms, info.detected_ms, how, int(datetime.now(UTC).timestamp() * 1000),
                            closed_rows=result.inserted)
-    await _staged(conn, "stream_gaps", closing, _CLOSE)
+    # 0 rows: an earlier backfill of the same gap (asked again meanwhile) closed it already.
+    if await _staged(conn, "stream_gaps", closing, _CLOSE):
+        result.closed_how = how
     return result
 
 

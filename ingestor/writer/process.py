@@ -82,10 +82,14 @@ class Writer:
         self.batches: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.duplicates: dict[str, int] = {}
+        self.gaps_closed: dict[tuple[str, str], int] = {}  # (market, how) -> trade gaps closed by a backfill
         self.last_commit = 0.0
         self.db_ok = False
         self.db_error = ""
         self.mode = "direct"  # direct | spool
+        # Where this spell of spooling started (time, counters): its log lines say what it did.
+        self.spell = (time.monotonic(), 0, 0)
+        self.full_logged = False  # "spool full" once per spell, not once a probe
         self.spooled_batches = 0
         self.replayed_batches = 0
         self.conns: list[asyncpg.Connection | None] = [None] * s.writer_connections
@@ -110,8 +114,9 @@ class Writer:
         threading.Thread(target=self._read, args=(loop,), name="writer-reader", daemon=True).start()
         status = asyncio.ensure_future(self._status_loop())
         if self.spool:
-            log.info("a spool of %.1f MB from before: replaying it first", self.spool.bytes / 2**20)
-            self.mode = "spool"
+            log.info("a spool of %.1f MB from before: replaying it first", self.spool.bytes / 2**20,
+                     extra=self._spool_context("spool_start", reason="left by an earlier writer"))
+            self._start_spell()
         await self._connect_all()
         try:
             await self._dispatch()
@@ -245,17 +250,30 @@ class Writer:
         self.failed = []
         self.behind = False
         if self.mode != "spool":
-            log.warning("spooling batches to %s: %s", self.spool.directory, why)
-            self.mode = "spool"
+            log.warning("spooling batches to %s: %s", self.spool.directory, why,
+                        extra=self._spool_context("spool_start", reason=why, failed_batches=sum(
+                            len(group) for _, group in failed)))
+            self._start_spell()
         for _, group in failed:
             for batch in group:
                 await self._spool_append(batch, ack=True)
 
+    def _start_spell(self) -> None:
+        self.mode = "spool"
+        self.spell = (time.monotonic(), self.spooled_batches, self.replayed_batches)
+        self.full_logged = False
+
+    def _spool_context(self, event: str, **fields: Any) -> dict[str, Any]:
+        """A spool log line's fields."""
+        return {"event": event, "directory": str(self.spool.directory), "spool_bytes": self.spool.bytes, **fields}
+
     async def _spool_append(self, batch: Batch, ack: bool) -> None:
         while not self.spool.append(batch):
             # Full: hold it (and, behind it, the queue) until replaying frees room.
-            log.error("spool full (%.0f MB): batches wait unacknowledged; the producers hold them",
-                      self.spool.bytes / 2**20)
+            if not self.full_logged:
+                self.full_logged = True
+                log.error("spool full (%.0f MB): batches wait unacknowledged; the producers hold them",
+                          self.spool.bytes / 2**20, extra=self._spool_context("spool_full"))
             self.report()
             await self._replay_some(timeout=PROBE_PERIOD_S)
         self.spooled_batches += 1
@@ -272,7 +290,13 @@ class Writer:
             await self._spool_append(item, ack=True)
         await self._replay_some(timeout=0.2)
         if not self.spool:
-            log.info("spool replayed: batches go straight to the database again")
+            since, spooled, replayed = self.spell
+            log.info("spool replayed: batches go straight to the database again (%d batches spooled, %d replayed "
+                     "in %.1f s)", self.spooled_batches - spooled, self.replayed_batches - replayed,
+                     time.monotonic() - since, extra=self._spool_context(
+                         "spool_replayed", spooled_batches=self.spooled_batches - spooled,
+                         replayed_batches=self.replayed_batches - replayed,
+                         seconds=round(time.monotonic() - since, 1)))
             self.mode = "direct"
         elif not self.db_ok:
             waited = await self._next_item(0.2)
@@ -309,7 +333,7 @@ class Writer:
         if self.spool:
             self.spool.sync()
             log.warning("stopping with %.1f MB spooled in %s: the next start replays it",
-                        self.spool.bytes / 2**20, self.spool.directory)
+                        self.spool.bytes / 2**20, self.spool.directory, extra=self._spool_context("spool_kept"))
         return False
 
     async def _probe(self) -> bool:
@@ -395,6 +419,10 @@ class Writer:
             self.duplicates[table] = self.duplicates.get(table, 0) + result.duplicates
         if result.rejected:
             self.rejected[table] = self.rejected.get(table, 0) + result.rejected
+        info = group[0].backfill
+        if result.closed_how is not None and info is not None:
+            key = (info.market, result.closed_how)
+            self.gaps_closed[key] = self.gaps_closed.get(key, 0) + 1
         M.COPY_SECONDS.labels(w, table).observe(elapsed)
         ev = np.concatenate([np.frombuffer(b.event_ms, dtype=np.int64) for b in group])
         if len(ev):
@@ -429,6 +457,8 @@ class Writer:
             self.totals.set(M.ROWS_DUPLICATE.labels(w, table), n)
         for table, n in self.rejected.items():
             self.totals.set(M.ROWS_REJECTED.labels(w, table), n)
+        for (market, how), n in self.gaps_closed.items():
+            self.totals.set(M.GAPS_CLOSED.labels(w, market, "aggTrade", how), n)
         self.totals.set(M.SPOOLED_BATCHES.labels(w), self.spooled_batches)
         self.totals.set(M.REPLAYED_BATCHES.labels(w), self.replayed_batches)
         M.SPOOL_BYTES.labels(w).set(self.spool.bytes)
