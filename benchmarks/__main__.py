@@ -1,5 +1,7 @@
-"""``python -m benchmarks {sim,pipeline,book,features,feature_worker,all,soak} [--quick] [--out DIR]``: run
-suites, write a report."""
+"""``python -m benchmarks SUITE [--quick] [--out DIR]``: run suites, write a report.
+
+SUITE: codec, sim, pipeline, copy_ceiling, book, features, feature_worker, all; and, on
+their own, soak, memory, sizing, profile."""
 
 from __future__ import annotations
 
@@ -74,6 +76,18 @@ def _memory(args: argparse.Namespace) -> dict[str, Any]:
     return memory.run(args.quick, minutes=getattr(args, "minutes", None), rate=getattr(args, "rate", None))
 
 
+def _sizing(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import sizing
+
+    return sizing.run(args.quick, seconds=getattr(args, "seconds", None))
+
+
+def _profile(args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import profile
+
+    return profile.run(args.quick, rate=getattr(args, "rate", None))
+
+
 def _feature_worker(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import feature_worker
 
@@ -90,8 +104,10 @@ SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "features": _features,
     "feature_worker": _feature_worker,
 }
-# Suites that take minutes by design: run on their own, never by ``all``.
-LONG_SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"soak": _soak, "memory": _memory}
+# Suites that take minutes by design, or measure something other than speed (sizing: disk
+# per row and per day, ~30 s quick): run on their own, never by ``all``.
+LONG_SUITES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"soak": _soak, "memory": _memory,
+                                                                          "sizing": _sizing, "profile": _profile}
 
 
 def _numbers(kind: type[Any]) -> Callable[[str], list[Any]]:
@@ -137,7 +153,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mem = sub.add_parser("memory", parents=[common], help="RSS of every ingestor process over minutes, steady rate")
     mem.add_argument("--minutes", type=float, default=None, help="how long (quick 2, full 10)")
     mem.add_argument("--rate", type=float, default=None, help="offered msg/s, live model (default 50000)")
-    sub.add_parser("all", parents=[common], help="every suite but soak and memory")
+    size = sub.add_parser("sizing", parents=[common],
+                          help="bytes per row per table (real payloads, and the pipeline) and per day")
+    size.add_argument("--seconds", type=float, default=None, help="pipeline part's recording, s (quick 12, full 30)")
+    prof = sub.add_parser("profile", parents=[common],
+                          help="py-spy samples of socket-0, features and writer during one pipeline level")
+    prof.add_argument("--rate", type=float, default=None, help="offered msg/s of the level (default 100000)")
+    sub.add_parser("all", parents=[common], help="every suite but soak, memory, sizing and profile")
     return parser.parse_args(argv)
 
 
