@@ -156,13 +156,16 @@ def _connections(sockets: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
 
 def _lag(by_kind: Mapping[str, Sequence[tuple[str, Mapping[str, Any]]]], db: Mapping[str, Any]) -> str:
     """How far behind each worker is: the writer's last commit (the supervisor works out its
-    age for the database block), the feature worker's input lag, what producers hold."""
+    age for the database block) and its exchange-event-to-commit lag over the last report,
+    the feature worker's input lag, what producers hold."""
     lines = []
     for name, w in by_kind.get("writer", []):
         spool = (f"spool {_bytes(w.get('spool_bytes'))} ({_n(w.get('spooled_batches'))} batches spooled, "
                  f"{_n(w.get('replayed_batches'))} replayed{', FULL' if w.get('spool_full') else ''})")
         rows = w.get("rows")
+        e2c = w.get("event_to_commit_s") or {}
         lines.append([name, f"last commit {_ago(db.get('last_commit_age_s'))}",
+                      f"event to commit {_age(e2c.get('median'))} median, {_age(e2c.get('max'))} max (last second)",
                       f"queue {_n(w.get('queue_depth'))} batches", f"mode {w.get('mode') or '-'}", spool,
                       f"rows committed {sum(rows.values()) if isinstance(rows, dict) else '-'}"])
     for name, w in by_kind.get("features", []):

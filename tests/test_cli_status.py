@@ -107,6 +107,9 @@ async def test_renderer_on_a_real_health_body(pipe: Pipeline) -> None:
         assert row[1:3] == [f"{w['streams']}/{w['streams']}", f"{w['connections']}/{w['connections']}"]
     lag = text.split("\nlag and queues\n")[1].split("\n\n")[0]
     assert worker_line(lag, "writer").startswith("writer    last commit ") and "rows committed" in lag
+    e2c = body["workers"]["writer"]["event_to_commit_s"]  # market data flows: committed every 100 ms
+    assert 0 <= e2c["median"] <= e2c["max"] < 10, e2c
+    assert "event to commit - median" not in lag and " median, " in worker_line(lag, "writer")
     input_lag = worker_line(lag, "features").split("input lag ")[1]
     assert all(f"{m} " in input_lag for m in body["workers"]["features"]["markets"]), input_lag
     books = text.split("\nfeature books\n")[1].split("\n\n")[0].splitlines()

@@ -58,6 +58,7 @@ SPOOL_AFTER_S = 5.0  # that backlog full this long with every connection busy: t
 PROBE_PERIOD_S = 1.0
 SYNC_PERIOD_S = 1.0
 DRAIN_REPLAY_S = 60.0  # at shutdown, spooled batches replayed for at most this long (the rest waits on disk)
+STREAM_TABLES = frozenset({"agg_trades", "depth_updates", "mark_prices", "force_orders"})
 LAG_SAMPLES = 16  # lag quantiles observed per batch: a per-row histogram without per-row calls
 CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                      asyncpg.exceptions.OperatorInterventionError, asyncio.TimeoutError)
@@ -84,6 +85,9 @@ class Writer:
         self.duplicates: dict[str, int] = {}
         self.gaps_closed: dict[tuple[str, str], int] = {}  # (market, how) -> trade gaps closed by a backfill
         self.last_commit = 0.0
+        # Event-to-commit lags of the market data committed since the last status report
+        # (LAG_SAMPLES per batch): `ingestor status` shows their median and maximum.
+        self.recent_lags: list[float] = []
         self.db_ok = False
         self.db_error = ""
         self.mode = "direct"  # direct | spool
@@ -431,6 +435,8 @@ class Writer:
             hist = M.LAG_SECONDS.labels(w, table)
             for lag in lags:
                 hist.observe(max(float(lag), 0.0))
+            if table in STREAM_TABLES:  # features rows are a bar old by design; gaps and syncs are not data
+                self.recent_lags.extend(lags.tolist())
 
     def _ack(self, batches: Iterable[Batch]) -> None:
         by: dict[tuple[str, int], list[int]] = {}
@@ -468,6 +474,7 @@ class Writer:
         except NotImplementedError:  # macOS
             depth = -1
         M.QUEUE_DEPTH.labels(w, "writer_in").set(depth + self.aq.qsize())
+        lags, self.recent_lags = self.recent_lags, []
         self.status_queue.put({
             "worker": w, "kind": "writer", "time": time.time(), "rows": dict(self.rows),
             "rejected_rows": dict(self.rejected), "duplicate_rows": dict(self.duplicates),
@@ -475,6 +482,8 @@ class Writer:
             "spool_bytes": self.spool.bytes, "spool_full": self.spool.full,
             "spooled_batches": self.spooled_batches, "replayed_batches": self.replayed_batches,
             "last_commit": self.last_commit or None, "queue_depth": depth + self.aq.qsize(),
+            "event_to_commit_s": {"median": round(float(np.median(lags)), 3), "max": round(max(lags), 3)}
+            if lags else None,
         })
 
 
