@@ -137,26 +137,32 @@ async def apply_policies(conn: asyncpg.Connection, caps: DbCapabilities, compres
 
     Returns warnings to show once: the Apache edition (Debian's build) has hypertables
     but neither compression nor policies.
+
+    Each start makes the policies what the settings say: an existing policy is removed
+    and added again (``add_*_policy(if_not_exists)`` would keep an old interval and only
+    warn), and a setting turned off removes its policy.
     """
-    if caps.timescaledb is None or (compress_after_days is None and retention_days is None):
+    if caps.timescaledb is None:
         return []
     if caps.license != "timescale":
+        if compress_after_days is None and retention_days is None:
+            return []
         return [
             f"TimescaleDB licence is {caps.license!r}: compression and retention policies need the "
             "Timescale License edition; tables are hypertables without them"
         ]
     for table in COMPRESSED_TABLES:
+        await conn.execute("SELECT remove_compression_policy($1::regclass, if_exists => TRUE)", table)
         if compress_after_days is not None:
             await conn.execute(
                 f"ALTER TABLE {table} SET (timescaledb.compress, timescaledb.compress_segmentby = 'market, symbol')"
             )
             await conn.execute(
-                "SELECT add_compression_policy($1::regclass, make_interval(days => $2), if_not_exists => TRUE)",
-                table, compress_after_days,
+                "SELECT add_compression_policy($1::regclass, make_interval(days => $2))", table, compress_after_days,
             )
+        await conn.execute("SELECT remove_retention_policy($1::regclass, if_exists => TRUE)", table)
         if retention_days is not None:
             await conn.execute(
-                "SELECT add_retention_policy($1::regclass, make_interval(days => $2), if_not_exists => TRUE)",
-                table, retention_days,
+                "SELECT add_retention_policy($1::regclass, make_interval(days => $2))", table, retention_days,
             )
     return []
