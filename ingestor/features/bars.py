@@ -167,6 +167,11 @@ class BarBuilder:
         self.fast_hi = -(2**62)
         self.fast_acc = _Acc()
 
+    @property
+    def started(self) -> bool:
+        """A trade has come: the first bar (the one holding it) is fixed."""
+        return self._next_start is not None
+
     @classmethod
     def from_settings(cls, settings: FeatureSettings, tick_size: float) -> BarBuilder:
         return cls(tick_size, settings.bar_seconds, settings.bar_close_delay_ms, settings.footprint_bps)

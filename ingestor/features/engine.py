@@ -56,6 +56,9 @@ MAX_PENDING_CHECKS = 2  # snapshots ahead of the book kept for a check
 REQUEST_TIMEOUT_MS = 30_000  # ask again for a snapshot that has not come by then
 MAX_BOOK_WAIT_MS = 15_000  # a bar waits this long past its close for a syncing book
 DIFF_WAIT_MS = 2_000  # a bar waits this long past its close for a diff past its end
+# Diffs buffered while a snapshot is awaited: the last this much event time is kept (twice the
+# time after which the snapshot is asked for again; see SymbolState._trim_pending).
+PENDING_KEEP_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +207,17 @@ class SymbolState:
             self.cuts.append((e, view))
         if end > self.decided_end:
             self.decided_end = end
+        if not self.bars.started:
+            # No trade yet, so no bar takes these cuts (``_resolve`` drops those before the
+            # first bar): keep the ends a first trade could still fall before, as long as a
+            # trade later than the close delay is taken at all (the book wait to spare);
+            # else a symbol whose book moves but which does not trade keeps a book per bar.
+            # A first trade older than that gets "unknown" (``decided_end``) for those ends.
+            eng = self.engine
+            oldest = eng.now(self.market) - eng.settings.bar_close_delay_ms - eng.max_book_wait_ms
+            cuts = self.cuts
+            while cuts and cuts[0][0] < oldest:
+                cuts.popleft()
 
     def _before_apply(self, ev: dict[str, Any]) -> None:
         """DepthSync is about to apply ``ev``: cut the book for the bar ends it passes."""
@@ -240,6 +254,8 @@ class SymbolState:
             return
         if sync.book is None:
             self._try_held()
+            if sync.book is None:
+                self._trim_pending(ev["E"])
         if self.checks and sync.book is not None:
             self._run_checks()
         if self.waiting:
@@ -253,6 +269,20 @@ class SymbolState:
             self._install(snapshot, time_ms)
         if not self.sync.synced and self.status != SYNCING:
             self._request()
+
+    def _trim_pending(self, e_ms: int) -> None:
+        """Let go of buffered diffs older than ``PENDING_KEEP_MS`` before the newest (at ``e_ms``),
+        once the oldest is twice that old. A snapshot is fetched after it is asked for, so it
+        needs only the diffs from about then on; one older than the buffer is refused and asked
+        for again, as one older than the first buffered diff always was (DepthSync). Without
+        this a snapshot that never comes (REST down) grows the buffer by every diff, for good."""
+        pending = self.sync.pending
+        if pending and pending[0]["E"] < e_ms - 2 * PENDING_KEEP_MS:
+            keep_from = e_ms - PENDING_KEEP_MS
+            i = 0
+            while pending[i]["E"] < keep_from:  # the last one (at e_ms) stops it
+                i += 1
+            del pending[:i]
 
     def _gap(self, gap: DepthGap, ev: dict[str, Any]) -> None:
         eng = self.engine
