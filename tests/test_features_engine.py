@@ -202,6 +202,36 @@ def test_a_snapshot_before_any_diff_is_kept_until_a_diff_shows_it_bridges() -> N
     assert not eng.open_gaps()
 
 
+def test_snapshots_before_any_diff_are_tried_in_the_order_they_came() -> None:
+    # Live, the first snapshot that bridges builds the book and book_syncs names it; a replay
+    # is offered the later stored snapshots as well, and must build from the same one (a
+    # later one replacing it gave the replay a deeper book than live: walls differed).
+    later = {"lastUpdateId": 104, "bids": [["10.0", "1"], ["9.9", "1"], ["9.8", "2"]],
+             "asks": [["10.1", "1"], ["10.2", "1"]]}
+    eng = engine()
+    eng.snapshot("futures", "X", 900, SNAP)
+    eng.snapshot("futures", "X", 950, later)
+    eng.depth("futures", [A])
+    out = eng.outbox.take()
+    assert not out.requests and [(s.snapshot_time_ms, s.last_update_id) for s in out.syncs] == [(900, 100)]
+    book = eng.symbols[("futures", "X")].sync.book
+    assert book is not None and book.bid_floor == 9.9  # SNAP's levels, not the later one's
+    # The first one older than the diffs is passed over for the next, with no request.
+    eng = engine()
+    eng.snapshot("futures", "X", 800, {**SNAP, "lastUpdateId": 80})
+    eng.snapshot("futures", "X", 900, SNAP)
+    eng.depth("futures", [A])
+    out = eng.outbox.take()
+    assert not out.requests and [(s.snapshot_time_ms, s.last_update_id) for s in out.syncs] == [(900, 100)]
+    # None of them reaches the diffs: one request.
+    eng = engine()
+    eng.snapshot("futures", "X", 800, {**SNAP, "lastUpdateId": 80})
+    eng.snapshot("futures", "X", 850, {**SNAP, "lastUpdateId": 85})
+    eng.depth("futures", [A])
+    out = eng.outbox.take()
+    assert out.requests == [("futures", "X")] and not out.syncs
+
+
 def test_bad_events_are_counted_and_skipped_and_trades_before_the_start_ignored() -> None:
     eng = engine()
     bad_trades = [trade(1200, p="NaN"), {**trade(1300), "T": "1300"}, {"e": "aggTrade"}, trade(1400, q="-1")]

@@ -53,6 +53,7 @@ _BAD = (KeyError, TypeError, ValueError, IndexError, AttributeError)
 # (about 3 s of a 100 ms stream: snapshots and diffs reach the worker well within that).
 RECENT_DIFFS = 32
 MAX_PENDING_CHECKS = 2  # snapshots ahead of the book kept for a check
+MAX_HELD = 4  # snapshots offered before any diff, kept to try in order (the newest kept)
 REQUEST_TIMEOUT_MS = 30_000  # ask again for a snapshot that has not come by then
 MAX_BOOK_WAIT_MS = 15_000  # a bar waits this long past its close for a syncing book
 DIFF_WAIT_MS = 2_000  # a bar waits this long past its close for a diff past its end
@@ -179,7 +180,7 @@ class SymbolState:
         self.checks: list[dict[str, Any]] = []  # snapshots ahead of the book, to check when it gets there
         self.last_e = 0
         self.open_gap: BookGap | None = None
-        self.held: tuple[dict[str, Any], int] | None = None  # a snapshot offered before any diff
+        self.held: list[tuple[dict[str, Any], int]] = []  # snapshots offered before any diff, as they came
 
     # -- the book ---------------------------------------------------------------------------
 
@@ -262,11 +263,14 @@ class SymbolState:
             self._resolve()
 
     def _try_held(self) -> None:
-        """Diffs are buffering: build the book from a snapshot that came before them, or ask."""
-        if self.held is not None:
-            snapshot, time_ms = self.held
-            self.held = None
-            self._install(snapshot, time_ms)
+        """Diffs are buffering: build the book from the first snapshot that came before them
+        and reaches them, or ask. The first, not the latest: a replay is offered every stored
+        snapshot of the span, and must build from the one ``book_syncs`` names, which is the
+        first the live worker found bridging (it tried them in the same order)."""
+        held, self.held = self.held, []
+        for snapshot, time_ms in held:
+            if not self._install(snapshot, time_ms, ask_again=False):
+                break  # synced, or reset by a gap among the buffered diffs: the rest are moot
         if not self.sync.synced and self.status != SYNCING:
             self._request()
 
@@ -306,7 +310,7 @@ class SymbolState:
         self.checks.clear()
         self.recent.clear()
         self.fresh = False
-        self.held = None
+        self.held = []
 
     def _request(self) -> None:
         eng = self.engine
@@ -327,9 +331,13 @@ class SymbolState:
                 # With no diff buffered there is no telling whether the stream reaches back to
                 # it (a snapshot taken before the subscription would look like a gap): keep it
                 # for the first diff, which shows whether it bridges.
-                self.held = (snapshot, time_ms)
+                self.held.append((snapshot, time_ms))
+                if len(self.held) > MAX_HELD:
+                    del self.held[0]
 
-    def _install(self, snapshot: dict[str, Any], time_ms: int) -> None:
+    def _install(self, snapshot: dict[str, Any], time_ms: int, ask_again: bool = True) -> bool:
+        """Build the book from ``snapshot`` and the buffered diffs. True only when the snapshot
+        is older than the buffered diffs (refused; asked for again if ``ask_again``)."""
         eng = self.engine
         lid = int(snapshot["lastUpdateId"])
         applied = self.sync.applied
@@ -347,11 +355,12 @@ class SymbolState:
                 self.open_gap = BookGap(self.market, self.symbol, gap.first_missing, gap.last_missing,
                                         self.last_e, self.last_e, eng.now(self.market), None)
             self._reset("gap")
-            return
+            return False
         if not ok:  # older than the buffered diffs: ask for a newer one
             self.fresh = False
-            self._request()
-            return
+            if ask_again:
+                self._request()
+            return True
         self.status = SYNCED
         self.snapshot_time_ms = time_ms
         c = eng.counters[self.market]
@@ -365,6 +374,7 @@ class SymbolState:
                                            g.to_ms, g.detected_ms, now))
             self.open_gap = None
         self._resolve()
+        return False
 
     # -- drift ------------------------------------------------------------------------------
 
