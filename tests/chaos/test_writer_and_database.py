@@ -8,6 +8,7 @@ import asyncio
 import signal
 from pathlib import Path
 
+import orjson
 import pytest
 
 from ingestor.db.embedded import EmbeddedPostgres
@@ -44,7 +45,9 @@ async def test_writer_killed_twice_loses_and_duplicates_nothing(sim: Simulator, 
 async def test_database_away_for_20_s_is_spooled_and_replayed(sim: Simulator, tmp_path: Path) -> None:
     server = EmbeddedPostgres(tmp_path / "db")
     dsn = await asyncio.to_thread(server.start)
-    pipe = await Pipeline(["--dsn", dsn, *FAST, "--data-dir", str(tmp_path / "data"), *sim_flags(sim)]).start()
+    # JSON logs: the spool's lines are found by their event and context, as a log collector would.
+    pipe = await Pipeline(["--dsn", dsn, *FAST, "--data-dir", str(tmp_path / "data"), *sim_flags(sim)],
+                          env={"INGESTOR_LOG_FORMAT": "json"}).start()
     try:
         await pipe.wait_health(200)
         await asyncio.sleep(2.0)
@@ -67,6 +70,13 @@ async def test_database_away_for_20_s_is_spooled_and_replayed(sim: Simulator, tm
         await asyncio.to_thread(server.stop)
     assert_nothing_lost_or_duplicated(result)
     assert any("spooling batches" in line for line in pipe.log)
+    events = [e for e in (orjson.loads(line) for line in pipe.log if line.startswith("{"))
+              if str(e.get("event", "")).startswith("spool_")]
+    # One line when spooling starts and one when the spool is replayed, not one per batch.
+    assert [e["event"] for e in events] == ["spool_start", "spool_replayed"], events
+    start, replayed_line = events
+    assert start["worker"] == "writer" and start["reason"] and start["directory"].startswith(str(tmp_path))
+    assert replayed_line["replayed_batches"] > 0 and replayed_line["seconds"] > 0
 
 
 @pytest.mark.parametrize("sim", [SimConfig(n_symbols=2, seed=23, record=True)], indirect=True)
