@@ -44,19 +44,23 @@ def main(ctx: click.Context, log_level: str | None, log_format: str | None) -> N
     setup_logging(log_level or "INFO", log_format or "text", "supervisor")
 
 
-def settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """One flag per Settings field (``--spot-ws-url``); unset flags leave the value to
-    the environment, ``.env`` or the default."""
+def _setting_flags(f: Callable[..., Any], keep: Callable[[str], bool]) -> Callable[..., Any]:
+    """One flag per Settings field that ``keep`` names (``--spot-ws-url``); unset flags
+    leave the value to the environment, ``.env`` or the default."""
     from dataclasses import fields
 
     from ingestor.config import Settings, env_name
 
     for fld in reversed(fields(Settings)):
-        if fld.name in ("log_level", "log_format"):
-            continue  # the group's --log-level and --log-format
-        f = click.option("--" + fld.name.replace("_", "-"), fld.name, default=None, metavar="VALUE",
-                         help=f"{fld.metadata['help']}  [env {env_name(fld.name)}]")(f)
+        if keep(fld.name):
+            f = click.option("--" + fld.name.replace("_", "-"), fld.name, default=None, metavar="VALUE",
+                             help=f"{fld.metadata['help']}  [env {env_name(fld.name)}]")(f)
     return f
+
+
+def settings_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Every setting as a flag but the group's --log-level and --log-format."""
+    return _setting_flags(f, lambda name: name not in ("log_level", "log_format"))
 
 
 def build_settings(ctx: click.Context, flags: dict[str, Any]) -> Settings:
@@ -450,14 +454,7 @@ def _print_json_line(obj: object) -> None:
 def _database_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Only the settings that find the database. An export's --symbols and --batch-rows are
     its own: the recording's (INGESTOR_SYMBOLS in a .env) must not narrow an export unasked."""
-    from dataclasses import fields
-
-    from ingestor.config import Settings, env_name
-
-    for fld in reversed([x for x in fields(Settings) if x.name in ("dsn", "data_dir", "payload_type")]):
-        f = click.option("--" + fld.name.replace("_", "-"), fld.name, default=None, metavar="VALUE",
-                         help=f"{fld.metadata['help']}  [env {env_name(fld.name)}]")(f)
-    return f
+    return _setting_flags(f, ("dsn", "data_dir", "payload_type").__contains__)
 
 
 def _export_symbols(text: str) -> tuple[str, ...]:

@@ -89,6 +89,14 @@ def envelope_payload(frame: bytes) -> bytes | None:
     return payload
 
 
+def closed_at_once(stream: str) -> bool:
+    """Whether a gap in ``stream`` is recorded closed (unrecoverable) as soon as it is found.
+    Trade gaps stay open for a backfill over REST (the socket worker asks); the diffs a depth
+    gap misses, and what an id-less stream sent while its connection was down, can be
+    fetched from nowhere (a book resumes from a new snapshot)."""
+    return stream != "aggTrade"
+
+
 class FrameHandler:
     def __init__(
         self,
@@ -119,7 +127,6 @@ class FrameHandler:
         self.rejected: dict[str, int] = {}  # reason -> count
         self.stale = 0  # events at or behind the last seen id: not stored twice
         self.gaps: list[Gap] = []
-        self.unrecoverable: dict[str, int] = {}  # stream -> gaps recorded closed (unrecoverable) at once
         # Streams without ids (mark prices, liquidations): the latest event time seen, and
         # the time gaps a lost connection opened, written once the stream flows again.
         self.last_e: dict[str, int] = {}
@@ -287,7 +294,6 @@ class FrameHandler:
     def _time_gap(self, kind: str, from_ms: int | None, to_ms: int, detected_ms: int) -> None:
         now_ms = int(time.time() * 1000)
         self.gaps.append(Gap("*", kind, -1, -1, from_ms or detected_ms, to_ms))
-        self.unrecoverable[kind] = self.unrecoverable.get(kind, 0) + 1
         self._add("stream_gaps", rows.stream_gap(self.market, "*", kind, None, None, from_ms, to_ms, detected_ms,
                                                  "unrecoverable", now_ms), now_ms)
         log.warning("%s %s: no events for %.1f s while the connection was down: recorded as a gap",
@@ -298,11 +304,7 @@ class FrameHandler:
     def _gap(self, gap: Gap) -> None:
         self.gaps.append(gap)
         now_ms = int(time.time() * 1000)
-        # Trade gaps are backfilled over REST (the socket worker asks); the diffs a depth gap
-        # misses can be fetched from nowhere: the book resumes from a new snapshot.
-        how, closed = ("open", None) if gap.stream == "aggTrade" else ("unrecoverable", now_ms)
-        if closed is not None:
-            self.unrecoverable[gap.stream] = self.unrecoverable.get(gap.stream, 0) + 1
+        how, closed = ("unrecoverable", now_ms) if closed_at_once(gap.stream) else ("open", None)
         self._add("stream_gaps", rows.stream_gap(
             self.market, gap.symbol, gap.stream, gap.from_id, gap.to_id, gap.from_ms, gap.to_ms, now_ms, how, closed,
         ), now_ms)

@@ -36,7 +36,7 @@ from ingestor.features.feed import Feed, MarketFeed, TradeGapRequest, put_bounde
 from ingestor.workers.batching import Batch, Batcher
 from ingestor.workers.child import ChildContext, run_child
 from ingestor.workers.delivery import Delivery, WriterLink
-from ingestor.workers.frames import FrameHandler
+from ingestor.workers.frames import FrameHandler, closed_at_once
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +313,8 @@ class SocketWorker:
         return out
 
     def _on_gap(self, market: Market, gap: Gap, detected_ms: int) -> None:
-        # As FrameHandler records it: trades stay open for a backfill over REST (its own line
-        # when that closes the gap); the diffs a depth gap misses exist nowhere.
-        how = "open" if gap.stream == "aggTrade" else "unrecoverable"
+        # As FrameHandler records it; a trade gap's backfill logs its own line when it closes it.
+        how = "unrecoverable" if closed_at_once(gap.stream) else "open"
         log.warning("%s %s %s: gap, ids %d..%d missing (%s)", market, gap.symbol, gap.stream, gap.from_id,
                     gap.to_id, "a backfill follows" if how == "open" else how, extra={
                         "event": "gap", "market": market, "symbol": gap.symbol, "stream": gap.stream,
@@ -367,8 +366,8 @@ class SocketWorker:
             for stream in {g.stream for g in h.gaps}:
                 n = sum(1 for g in h.gaps if g.stream == stream)
                 self.totals.set(M.GAPS.labels(w, m, stream), n)
-            for stream, n in h.unrecoverable.items():
-                self.totals.set(M.GAPS_CLOSED.labels(w, m, stream, "unrecoverable"), n)
+                if closed_at_once(stream):  # recorded closed when found: detected is closed
+                    self.totals.set(M.GAPS_CLOSED.labels(w, m, stream, "unrecoverable"), n)
             reconnects = sum(c.reconnects for c in self.conns if c.spec.market == m)
             self.totals.set(M.RECONNECTS.labels(w, m), reconnects)
             self.totals.set(M.CONNECT_FAILURES.labels(w, m),
