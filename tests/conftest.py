@@ -14,7 +14,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 
 from ingestor.sim.server import SimConfig, Simulator
 
-from .databases import BACKENDS, Servers, check_backend, create_database, drop_database
+from .databases import BACKENDS, SYSTEM_PG, Servers, check_backend, create_database, drop_database
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 DOCS_DATA = Path(__file__).resolve().parent / "data" / "binance_docs"
@@ -107,6 +107,16 @@ def pg_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     servers = Servers(tmp_path_factory.mktemp("embedded"))
     yield servers
     servers.stop()
+
+
+@pytest.fixture
+async def system_db() -> AsyncIterator[str]:
+    """A fresh, migrated database on the machine's PostgreSQL (TimescaleDB), dropped
+    afterwards: the process tests' database (scenarios that stop the database start an
+    embedded server of their own)."""
+    dsn = await create_database(SYSTEM_PG)
+    yield dsn
+    await drop_database(SYSTEM_PG, dsn)
 
 
 @pytest.fixture(params=BACKENDS)

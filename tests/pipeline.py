@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +22,14 @@ INGESTOR = str(Path(sys.executable).parent / "ingestor")
 _HEALTH_LINE = re.compile(r"health and metrics on (http://\S+)/health")
 TABLES = ("agg_trades", "depth_updates", "mark_prices", "force_orders", "open_interest", "depth_snapshots",
           "stream_gaps")
+
+
+def free_port() -> int:
+    """A loopback port free now (freed again before the caller binds it): for a server that
+    does not report the port it bound, or a port where nothing must listen."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def sim_flags(sim: Simulator) -> list[str]:

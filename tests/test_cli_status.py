@@ -13,7 +13,6 @@ import asyncio
 import copy
 import os
 import signal
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +26,7 @@ from ingestor.sim.server import SimConfig, Simulator
 from ingestor.status import exit_code, render_status
 
 from .databases import SYSTEM_PG, create_database, drop_database
-from .pipeline import INGESTOR, Pipeline, sim_flags
+from .pipeline import INGESTOR, Pipeline, free_port, sim_flags
 
 # One pipeline for the module (starting one takes seconds); every test first waits until it
 # is healthy again, so none depends on what another did to it.
@@ -219,14 +218,8 @@ async def test_a_503_with_a_dead_worker_exits_1(pipe: Pipeline) -> None:
     assert "DEAD" in worker_line(out, "socket-0")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_nothing_listening_exits_2_naming_the_url() -> None:
-    port = _free_port()
+    port = free_port()
     code, out, err = await run_status("--url", f"http://127.0.0.1:{port}")
     assert code == 2
     assert out == ""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -19,19 +18,11 @@ from ingestor.features.verify import verify_live_rows
 from ingestor.sim.server import SimConfig, Simulator
 
 from .conftest import post_json
-from .databases import SYSTEM_PG, create_database, drop_database
 from .pipeline import Pipeline, sim_flags, wait_until
 from .test_pipeline_processes import samples
 
 FS = FeatureSettings(bar_seconds=1, window=10)
 PARAMS = "bar_seconds=1,window=10"
-
-
-@pytest.fixture
-async def system_db() -> AsyncIterator[str]:
-    dsn = await create_database(SYSTEM_PG)
-    yield dsn
-    await drop_database(SYSTEM_PG, dsn)
 
 
 async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from ingestor.sim.server import SimConfig, Simulator
 from ingestor.workers.child import ChildContext, run_child
 
 from .conftest import post_json
-from .databases import SYSTEM_PG, create_database, drop_database
 from .pipeline import INGESTOR, Pipeline, sim_flags, wait_until
 
 FIXED = {"ts", "level", "logger", "worker", "msg"}
@@ -126,13 +124,6 @@ def test_a_spawned_child_logs_as_its_settings_say(fmt: str, capfd: pytest.Captur
 
 
 # -- the pipeline ---------------------------------------------------------------------------
-
-@pytest.fixture
-async def system_db() -> AsyncIterator[str]:
-    dsn = await create_database(SYSTEM_PG)
-    yield dsn
-    await drop_database(SYSTEM_PG, dsn)
-
 
 def events(log: list[str], event: str, worker_prefix: str = "") -> list[dict[str, Any]]:
     out = []

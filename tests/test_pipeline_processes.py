@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -18,15 +17,7 @@ from ingestor.db.embedded import EmbeddedPostgres
 from ingestor.sim.server import SimConfig, Simulator
 
 from .conftest import post_json
-from .databases import SYSTEM_PG, create_database, drop_database
 from .pipeline import Pipeline, sim_flags, table_counts, wait_until
-
-
-@pytest.fixture
-async def system_db() -> AsyncIterator[str]:
-    dsn = await create_database(SYSTEM_PG)
-    yield dsn
-    await drop_database(SYSTEM_PG, dsn)
 
 
 def samples(text: str, family: str) -> list[tuple[dict[str, str], float]]:

@@ -13,10 +13,8 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,8 +29,7 @@ from ingestor import metrics
 from ingestor.sim.server import SimConfig, Simulator
 
 from .conftest import post_json
-from .databases import SYSTEM_PG, create_database, drop_database
-from .pipeline import Pipeline, sim_flags, wait_until
+from .pipeline import Pipeline, free_port, sim_flags, wait_until
 from .test_grafana_dashboard import dashboard_queries, exported_names, load_dashboard, substitute
 
 MISSING = "run scripts/test.sh (it installs Debian's prometheus package) or apt-get install prometheus"
@@ -43,13 +40,6 @@ def binary(name: str) -> str:
     path = shutil.which(name)
     assert path is not None, f"{name} not found: {MISSING}"
     return path
-
-
-def free_port() -> int:
-    # Prometheus does not report the port it bound, so it is given one: freed just before.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def promtool_lint(text: str) -> tuple[int, str]:
@@ -72,7 +62,7 @@ class Prometheus:
 
     def __init__(self, tmp: Path, target: str) -> None:
         self.tmp = tmp
-        self.port = free_port()
+        self.port = free_port()  # Prometheus does not report the port it bound: it is given one
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = tmp / "prometheus.yml"
         self.config.write_text(
@@ -134,13 +124,6 @@ class Prometheus:
         except TimeoutError:
             os.killpg(self.proc.pid, signal.SIGKILL)
             await asyncio.wait_for(self.proc.wait(), 10)
-
-
-@pytest.fixture
-async def system_db() -> AsyncIterator[str]:
-    dsn = await create_database(SYSTEM_PG)
-    yield dsn
-    await drop_database(SYSTEM_PG, dsn)
 
 
 # The panels whose queries must return series from a short run (the rest may rightly be
