@@ -59,6 +59,14 @@ class _Pending:
     started: float = 0.0
 
 
+# Gap rows go before every other batch: a data batch carries the sequence positions its
+# producer reached (``Delivery`` marks), and once it is acknowledged a restarted producer
+# carries on from there. A gap row found before those positions must already be safe by
+# then, or the hole it records would be skipped by the successor and recorded nowhere
+# (tests/test_safe_positions.py).
+LEADING_TABLE = "stream_gaps"
+
+
 class Batcher:
     def __init__(
         self,
@@ -103,7 +111,7 @@ class Batcher:
     def flush(self, force: bool = False) -> None:
         """Hand over every batch older than the age limit (all of them if ``force``)."""
         now = self.clock()
-        for table, p in self.pending.items():
+        for table, p in list(self.pending.items()):
             if p.event_ms and (force or now - p.started >= self.batch_age_s):
                 self._emit(table, p)
 
@@ -119,6 +127,10 @@ class Batcher:
         return p
 
     def _emit(self, table: str, p: _Pending) -> None:
+        if table != LEADING_TABLE:
+            lead = self.pending.get(LEADING_TABLE)
+            if lead is not None and lead.event_ms:
+                self._emit(LEADING_TABLE, lead)
         batch = Batch(table, len(p.event_ms), b"".join(p.parts), p.event_ms.tobytes(), self.producer)
         self.sent_rows[table] = self.sent_rows.get(table, 0) + batch.rows
         self.sent_batches += 1

@@ -275,6 +275,11 @@ class SocketWorker:
             for m, h in self.handlers.items():
                 if positions.get(m):
                     h.seed(positions[m], {k for c in self.conns if c.spec.market == m for k in c.time_kinds})
+                    # Safe from the start: this worker's reports carry them until its own
+                    # batches are acknowledged, so a successor never starts blind
+                    # (tests/chaos/test_restarts.py).
+                    for kind, state in positions[m].items():
+                        self.delivery.safe.setdefault(kind, {})[m] = dict(state)
             log.info("carrying on from the sequence positions of the worker this one replaces")
         self.totals: Any = None  # metrics.Totals, created on the first report (after import)
         self._last_status: tuple[int, float] | None = None
