@@ -29,12 +29,14 @@ import asyncpg
 
 from ingestor.binance.plan import Connection, plan
 from ingestor.binance.rest_client import RestClient, RestError
+from ingestor.binance.sequence import Positions
 from ingestor.binance.streams import Market
 from ingestor.binance.universe import Universe, UniverseError, resolve_universe
 from ingestor.config import Settings, mask_dsn
 from ingestor.db.embedded import EmbeddedPostgres
 from ingestor.db.migrate import PayloadTypeError, apply_policies, capabilities, ensure_payload_type, migrate
 from ingestor.db.reference import record_symbol_info
+from ingestor.db.resume import stored_positions
 from ingestor.features import feed
 from ingestor.features import worker as feature_worker
 from ingestor.workers import rest_worker, socket_worker
@@ -162,6 +164,7 @@ class Supervisor:
                      ", ".join(f"{m}: {len(v)}" for m, v in symbols.items()), s.shards,
                      sum(len(c) for c in self.shards))
             await self._record_symbol_info()
+            resume = await self._stored_positions(symbols)
             self.metrics_dir = self._metrics_dir()
             self.queue = self.ctx.Queue()
             self.status_queue = self.ctx.Queue()
@@ -191,10 +194,12 @@ class Supervisor:
                                            (self.feature_queue, self.ack_queues["features"])))
             for i, conns in enumerate(self.shards):
                 name = f"socket-{i}"
+                # Each worker carries on from where the last run stopped, for its markets.
+                seeded = {m: resume[m] for m in {c.market for c in conns} if m in resume}
                 self.children.append(Child(name, "socket", socket_worker.main,
                                            (s, name, conns, symbols, link(name), self.status_queue,
-                                            self.stop_event, self.feature_queue, self.request_queue),
-                                           (self.ack_queues[name],)))
+                                            self.stop_event, self.feature_queue, self.request_queue, seeded),
+                                           (self.ack_queues[name],), positions=seeded))
             self.children.append(Child("rest", "rest", rest_worker.main,
                                        (s, "rest", symbols, link("rest"), self.status_queue, self.stop_event,
                                         self.feature_queue, self.request_queue, self.dsn),
@@ -232,6 +237,22 @@ class Supervisor:
             await conn.close()
         if n:
             log.info("stored the exchange info of %d symbol(s) (new or changed)", n)
+
+    async def _stored_positions(self, symbols: dict[Market, list[str]]) -> dict[Market, Positions]:
+        """The last stored ids and times: the downtime since the last run is a hole like any
+        other (trades backfilled, depth and id-less streams recorded as gaps)."""
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            resume = await stored_positions(conn, symbols)
+        finally:
+            await conn.close()
+        if resume:
+            newest = max(ms for pos in resume.values() for state in pos.values() for _, ms in state.values())
+            n = len({(m, sym) for m, pos in resume.items() for state in pos.values() for sym in state})
+            log.info("carrying on from the last stored events of %d symbol(s) (the newest %.0f s ago): the "
+                     "downtime since is backfilled or recorded as gaps", n, time.time() - newest / 1000,
+                     extra={"event": "resume", "symbols": n, "newest_ms": newest})
+        return resume
 
     def request_stop(self) -> None:
         if not self._stop_requested.is_set():

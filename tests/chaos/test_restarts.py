@@ -94,3 +94,78 @@ async def test_a_socket_worker_killed_twice_while_nothing_is_acknowledged_leaves
             os.kill(writer_pid, signal.SIGCONT)
         await pipe.kill()
     assert_trades_whole_and_other_losses_recorded(result)
+
+
+async def last_stored(dsn: str) -> dict[tuple[str, str, str], int]:
+    """(market, symbol, 'trade'|'depth') -> the last stored trade id or final update id."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        trades = await conn.fetch("SELECT market, symbol, max(aggregate_trade_id) AS i FROM agg_trades "
+                                  "GROUP BY market, symbol")
+        depth = await conn.fetch("SELECT market, symbol, max(final_update_id) AS i FROM depth_updates "
+                                 "GROUP BY market, symbol")
+    finally:
+        await conn.close()
+    return {**{(r["market"], r["symbol"], "trade"): r["i"] for r in trades},
+            **{(r["market"], r["symbol"], "depth"): r["i"] for r in depth}}
+
+
+@pytest.mark.parametrize("sim", [SimConfig(n_symbols=2, seed=42, record=True, model=BUSY)], indirect=True)
+async def test_downtime_between_two_runs_is_backfilled_and_recorded(sim: Simulator, system_db: str) -> None:
+    """The pipeline is stopped while the exchange trades on, then started again: every trade
+    of the downtime is fetched over REST (each id stored once, none missing), the diffs it
+    missed are a depth gap from the last stored one, the mark prices a time gap."""
+    args = ["--dsn", system_db, *FAST, *sim_flags(sim)]
+    first = await Pipeline(args).start()
+    try:
+        await first.wait_health(200)
+
+        async def every_symbol_stored() -> bool:
+            have = await last_stored(system_db)
+            return len(have) == 2 * 2 * len(sim.markets)  # 2 symbols, trades and depth, per market
+        await wait_until(every_symbol_stored, 60, "trades and diffs of every symbol stored")
+        assert await first.stop() == 0, first.text()
+    finally:
+        await first.kill()
+    before = await last_stored(system_db)
+
+    async def traded_on() -> bool:  # the exchange moved on while nothing recorded
+        return all(sim.markets[m].model.books[s].agg_id >= i + 5  # type: ignore[arg-type]
+                   for (m, s, kind), i in before.items() if kind == "trade")
+    await wait_until(traded_on, 90, "five trades of every symbol during the downtime")
+
+    second = await Pipeline(args).start()
+    try:
+        await second.wait_health(200)
+
+        async def backfilled() -> bool:
+            conn = await asyncpg.connect(system_db)
+            try:
+                closed = await conn.fetchval("SELECT count(*) FILTER (WHERE closed_how = 'backfilled') "
+                                             "FROM stream_gaps WHERE stream = 'aggTrade'")
+            finally:
+                await conn.close()
+            return bool(closed >= sum(1 for k in before if k[2] == "trade"))
+        await wait_until(backfilled, 60, "the downtime's trades backfilled")
+        result = await finish(sim, second, system_db)
+    finally:
+        await second.kill()
+    assert_trades_whole_and_other_losses_recorded(result)
+    for key, (n, distinct, span) in (await trade_ids_whole(system_db)).items():
+        assert n == distinct == span, (key, n, distinct, span)
+    conn = await asyncpg.connect(system_db)
+    try:
+        gaps = await conn.fetch("SELECT market, symbol, stream, from_id, closed_how FROM stream_gaps")
+    finally:
+        await conn.close()
+    trade_gaps = {(g["market"], g["symbol"]): g for g in gaps if g["stream"] == "aggTrade"}
+    depth_gaps = {(g["market"], g["symbol"], g["from_id"]) for g in gaps if g["stream"] == "depth"}
+    for (market, symbol, kind), last in before.items():
+        if kind == "trade":
+            gap = trade_gaps[(market, symbol)]
+            assert gap["from_id"] == last + 1 and gap["closed_how"] == "backfilled", gap
+        else:
+            assert (market, symbol, last + 1) in depth_gaps, (market, symbol, last, gaps)
+    assert any(g["stream"] == "markPrice" and g["symbol"] == "*" for g in gaps), gaps
+    assert any("carrying on from the last stored events of 4 symbol(s)" in line for line in second.log), \
+        second.text()
