@@ -64,7 +64,7 @@ class Child:
     target: Callable[..., None]
     args: tuple[Any, ...]
     reads: tuple[Any, ...] = ()  # queues it is the only reader of
-    positions: dict[str, Any] = field(default_factory=dict)  # a socket worker's last sequence positions
+    positions: dict[Any, Any] = field(default_factory=dict)  # a socket worker's last sequence positions
     process: Any = None
     restarts: int = 0
     started_at: float = 0.0
