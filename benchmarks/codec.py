@@ -47,14 +47,14 @@ import numpy as np
 import orjson
 
 from benchmarks.report import median, metric
-from ingestor.binance import rows
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
-from ingestor.features.feed import Feed, MarketFeed
 from ingestor.sim import encode as enc
-from ingestor.workers.batching import Batch, Batcher
+from ingestor.wire import rows
+from ingestor.wire.batching import Batch, Batcher
+from ingestor.wire.copy_binary import copy_file
+from ingestor.wire.feed import Feed, MarketFeed
 from ingestor.workers.frames import FrameHandler, envelope_payload, split_envelope
-from ingestor.writer.copy_binary import copy_file
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "ADAUSDT", "AVAXUSDT",

@@ -4,7 +4,7 @@ The end-to-end pipeline (``benchmarks/pipeline.py``) is only as fast as the data
 takes its rows; this suite measures that limit without the pipeline, so the two can be
 compared as a ratio.
 
-- Rows: the project's own encoders (``ingestor.binance.rows.agg_trade`` /
+- Rows: the project's own encoders (``ingestor.wire.rows.agg_trade`` /
   ``depth_update``) on payloads from the simulator's model stepped in-process
   (``ingestor.sim.offline``): Spot and USD-M aggTrades, diff-depth updates at the
   ingestor's default speeds, and depth updates of 20 bid + 20 ask levels (the issue's
@@ -49,16 +49,15 @@ import asyncpg
 import numpy as np
 import orjson
 
-from benchmarks.pipeline import PG_ROOT, cpu_delta, postgres_backends
+from benchmarks.procs import PG_ROOT, cpu_delta, cpu_seconds, postgres_backends
 from benchmarks.report import metric
-from benchmarks.sim_throughput import cpu_seconds
-from ingestor.binance import rows as R
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
 from ingestor.db.migrate import capabilities, migrate
 from ingestor.sim.offline import generate
 from ingestor.sim.tape import digits as ascii_digits
-from ingestor.writer import copy_binary as cb
+from ingestor.wire import copy_binary as cb
+from ingestor.wire import rows as R
 from ingestor.writer.copier import copy_rows
 from ingestor.writer.process import MAX_COPY_BYTES
 
@@ -722,7 +721,7 @@ def _notes(connections: int, sizes: dict[str, dict[str, float]], server: dict[st
 
     return [
         "What it is: the rate PostgreSQL takes the recorder's own rows when nothing else of the pipeline runs: "
-        "rows encoded beforehand with ingestor.binance.rows, binary COPY through ingestor.writer.copier.copy_rows "
+        "rows encoded beforehand with ingestor.wire.rows, binary COPY through ingestor.writer.copier.copy_rows "
         f"(one implicit transaction per COPY), {BATCH_ROWS}-row batches (--batch-rows), back to back on "
         f"{connections} connections (--writer-connections) or 1, into a fresh migrated database per measurement. "
         "(a) is the ceiling: divide the pipeline's stored rate by the (a) row of the same mix to see how close "

@@ -61,11 +61,11 @@ from benchmarks.book import REAL_FILE, REALDATA
 from benchmarks.report import median, metric
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
+from ingestor.feature_spec import FeatureSettings
 from ingestor.features.engine import FeatureEngine
-from ingestor.features.feed import FEED_KINDS, Feed, Snapshot
-from ingestor.features.indicators import FeatureSettings
 from ingestor.sim.offline import START_MS, Item, generate
-from ingestor.workers.child import tune_gc
+from ingestor.wire.child import tune_gc
+from ingestor.wire.feed import FEED_KINDS, Feed, Snapshot
 from ingestor.workers.socket_worker import FLUSH_PERIOD_S
 
 MARKETS: tuple[Market, ...] = ("spot", "futures")

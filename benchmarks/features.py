@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.report import metric
+from ingestor.feature_spec import FeatureSettings
 from ingestor.features.bars import Bar, BarBuilder
-from ingestor.features.indicators import FeatureSettings, FeatureState
+from ingestor.features.indicators import FeatureState
 
 TICK = 0.1
 

@@ -53,11 +53,9 @@ import aiohttp
 import asyncpg
 import orjson
 
-from benchmarks.procs import Service
+from benchmarks.procs import CLK_TCK, PG_ROOT, Service, cpu_delta, cpu_seconds, postgres_backends, process_tree
 from benchmarks.report import metric
-from benchmarks.sim_throughput import CLK_TCK, cpu_seconds, process_tree
 
-PG_ROOT = "postgresql://postgres@127.0.0.1:5432"
 SEED = 1
 N_SYMBOLS = 20
 # Diff-depth messages per symbol and second at the ingestor's default speeds (Spot
@@ -371,20 +369,11 @@ def names_of(health: dict[str, Any], supervisor: int) -> dict[int, str]:
     return names
 
 
-async def postgres_backends(conn: Any, db: str) -> list[int]:
-    rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", db)
-    return [r["pid"] for r in rows]
-
-
 def per_kind(delta: dict[int, float], kinds: dict[int, str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for pid, sec in delta.items():
         out[kinds.get(pid, "other")] = out.get(kinds.get(pid, "other"), 0.0) + sec
     return out
-
-
-def cpu_delta(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
-    return {pid: after[pid] - before[pid] for pid in after if pid in before}
 
 
 async def run_level(shards: int, target: float, n_symbols: int, warmup: float, window: float,

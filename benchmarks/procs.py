@@ -1,11 +1,18 @@
-"""Child processes of the benchmarks: started, read, stopped, their stderr kept."""
+"""Child processes of the benchmarks: started, read, stopped, their stderr kept; the CPU seconds
+of a process tree and of a database's PostgreSQL backends, read from /proc."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import tempfile
 import threading
+from pathlib import Path
+from typing import Any
+
+PG_ROOT = "postgresql://postgres@127.0.0.1:5432"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class Service:
@@ -55,3 +62,45 @@ class Service:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds user+system) from /proc/<pid>/stat."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (the --workers processes, mp's resource tracker)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _proc_stat(int(entry))
+            if st is not None:
+                parents[int(entry)] = st[0]
+    tree = [root]
+    for pid in tree:
+        tree += [c for c, p in parents.items() if p == pid and c not in tree]
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        st = _proc_stat(pid)
+        if st is not None:
+            out[pid] = st[1]
+    return out
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
+    return {pid: after[pid] - before[pid] for pid in after if pid in before}
+
+
+async def postgres_backends(conn: Any, db: str) -> list[int]:
+    rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", db)
+    return [r["pid"] for r in rows]

@@ -36,16 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
-import os
 import sys
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-from benchmarks.procs import Service
+from benchmarks.procs import Service, cpu_seconds, process_tree
 from benchmarks.report import median, metric
 
 TARGET = 200_000
@@ -57,7 +55,6 @@ TARGET = 200_000
 DEFAULT_RATE = 60_000.0
 SEED = 1
 FLAT_OUT = 10_000_000.0  # a tape rate no simulator reaches: it plays as fast as it can
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ---- the simulator subprocess -------------------------------------------------------
@@ -81,39 +78,6 @@ class SimProcess(Service):
             self.stop(5)
             raise
         return self.urls
-
-
-def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds user+system) from /proc/<pid>/stat."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and its descendants (the --workers processes, mp's resource tracker)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = _proc_stat(int(entry))
-            if st is not None:
-                parents[int(entry)] = st[0]
-    tree = [root]
-    for pid in tree:
-        tree += [c for c, p in parents.items() if p == pid and c not in tree]
-    return tree
-
-
-def cpu_seconds(pids: list[int]) -> dict[int, float]:
-    out = {}
-    for pid in pids:
-        st = _proc_stat(pid)
-        if st is not None:
-            out[pid] = st[1]
-    return out
 
 
 # ---- the counting client (runs in its own process) ----------------------------------

@@ -3,7 +3,7 @@
 Three parts, each stated as measured or extrapolated in the report:
 
 (a) *Measured, real payloads.* Rows built from the real Binance captures of
-    ``../shared/realdata`` with the project's own encoders (``ingestor.binance.rows``), COPYed
+    ``../shared/realdata`` with the project's own encoders (``ingestor.wire.rows``), COPYed
     through the writer's path (``copier.copy_rows``) into a fresh database migrated by
     ``ingestor.db.migrate`` (TimescaleDB there: hypertables), once with ``jsonb`` payloads and
     once with ``json``. One kind is a (table, market): e.g. Spot ``agg_trades`` from the 1,910
@@ -60,13 +60,13 @@ import orjson
 from benchmarks import pipeline
 from benchmarks.book import REALDATA
 from benchmarks.copy_ceiling import fresh_database
-from benchmarks.procs import Service
+from benchmarks.procs import PG_ROOT, Service
 from benchmarks.report import metric
-from ingestor.binance import rows as R
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
 from ingestor.db.migrate import capabilities, ensure_payload_type
-from ingestor.writer import copy_binary as cb
+from ingestor.wire import copy_binary as cb
+from ingestor.wire import rows as R
 from ingestor.writer.copier import copy_rows
 
 SECONDS_PER_DAY = 86_400
@@ -427,7 +427,7 @@ async def load_kind(conn: asyncpg.Connection, kind: Kind, n: int) -> dict[str, A
 async def measure_real(payload_type: str, kinds: Sequence[Kind], scale: float) -> dict[str, Any]:
     """(a) for one payload type, in a fresh database dropped afterwards."""
     out: dict[str, Any] = {}
-    async with fresh_database(pipeline.PG_ROOT, prefix="bench_sizing") as dsn:
+    async with fresh_database(PG_ROOT, prefix="bench_sizing") as dsn:
         conn = await asyncpg.connect(dsn, timeout=10)
         try:
             await ensure_payload_type(conn, payload_type)
@@ -480,7 +480,7 @@ async def measure_pipeline(payload_type: str, seconds: float, rate: float = PIPE
     """(b): simulator + ``ingestor run`` for ``seconds``; every table's size a third of the
     way in and at the end, and the growth per row between the two."""
     db = f"bench_sizing_{os.getpid()}_{payload_type}"
-    dsn = f"{pipeline.PG_ROOT}/{db}"
+    dsn = f"{PG_ROOT}/{db}"
     await pipeline.pg_exec(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
     await pipeline.pg_exec(f"CREATE DATABASE {db}")
     sim = Service("simulator", pipeline.simulator_cmd(rate, n_symbols), read_stdout=True)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 from ingestor.binance.streams import DEPTH_SPEEDS, MARKETS, Market
-from ingestor.features.indicators import FeatureSettings
+from ingestor.feature_spec import FeatureSettings
 from ingestor.logs import LOG_FORMATS
 
 ENV_PREFIX = "INGESTOR_"
@@ -90,7 +90,7 @@ class Settings:
         "compute the order-flow indicators in a feature worker (false: record only)"))
     feature_params: tuple[str, ...] = field(default=(), metadata=_opt(
         "indicator parameters as NAME=VALUE, e.g. bar_seconds=15,window=120 (names: FEATURES.md, "
-        "ingestor/features/indicators.py FeatureSettings)"))
+        "ingestor/feature_spec.py FeatureSettings)"))
     feature_watchlist: tuple[str, ...] = field(default=(), metadata=_opt(
         "symbols whose latest indicators are exported as per-symbol gauges (keep it short)"))
     log_level: str = field(default="INFO", metadata=_opt("DEBUG, INFO, WARNING or ERROR"))

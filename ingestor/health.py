@@ -4,14 +4,18 @@ served by the supervisor on 127.0.0.1 unless configured otherwise."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-if TYPE_CHECKING:
-    from ingestor.supervisor import Supervisor
+
+class HealthSource(Protocol):
+    """What ``/health`` asks (the supervisor): a Protocol rather than an import, because the
+    supervisor imports this module and layers import only downward (tests/test_layers.py)."""
+
+    def health(self) -> tuple[bool, dict[str, Any]]: ...
 
 
 def exposition(metrics_dir: Path) -> bytes:
@@ -26,7 +30,7 @@ def exposition(metrics_dir: Path) -> bytes:
 
 
 class HealthServer:
-    def __init__(self, supervisor: Supervisor, metrics_dir: Path) -> None:
+    def __init__(self, supervisor: HealthSource, metrics_dir: Path) -> None:
         self.supervisor = supervisor
         self.metrics_dir = metrics_dir
         self.runner: web.AppRunner | None = None

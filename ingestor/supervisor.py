@@ -37,10 +37,10 @@ from ingestor.db.embedded import EmbeddedPostgres
 from ingestor.db.migrate import PayloadTypeError, apply_policies, capabilities, ensure_payload_type, migrate
 from ingestor.db.reference import record_symbol_info
 from ingestor.db.resume import stored_positions
-from ingestor.features import feed
 from ingestor.features import worker as feature_worker
+from ingestor.wire import feed
+from ingestor.wire.delivery import WriterLink
 from ingestor.workers import rest_worker, socket_worker
-from ingestor.workers.delivery import WriterLink
 from ingestor.writer import process as writer_process
 
 log = logging.getLogger(__name__)

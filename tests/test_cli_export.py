@@ -32,14 +32,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingestor.binance import rows
 from ingestor.binance.streams import MARKETS, Market
 from ingestor.export.job import ExportRequest, run_export
 from ingestor.export.progress import Progress, render, time_fraction
 from ingestor.export.sinks import OutputError, to_array
-from ingestor.features.indicators import FEATURE_COLUMNS
+from ingestor.feature_spec import FEATURE_COLUMNS
 from ingestor.sim.captures import event_type, read_capture
-from ingestor.workers.batching import Batch
+from ingestor.wire import rows
+from ingestor.wire.batching import Batch
 from ingestor.workers.frames import FrameHandler
 from ingestor.writer import copier
 

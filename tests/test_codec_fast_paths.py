@@ -21,12 +21,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingestor.binance import rows
 from ingestor.binance.sequence import Gap, SequenceTracker
 from ingestor.sim import encode as enc
-from ingestor.workers.batching import Batch, Batcher
+from ingestor.wire import copy_binary as cb
+from ingestor.wire import rows
+from ingestor.wire.batching import Batch, Batcher
 from ingestor.workers.frames import envelope_payload, split_envelope
-from ingestor.writer import copy_binary as cb
 
 from .conftest import DOCS_DATA, REALDATA
 

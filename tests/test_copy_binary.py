@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ingestor.wire import copy_binary as cb
 from ingestor.workers.frames import FrameHandler
-from ingestor.writer import copy_binary as cb
 
 EXAMPLES = 200  # hypothesis test cases per property; each draws a list of values
 

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pyarrow.parquet as pq
 
-from ingestor.features.indicators import FEATURE_COLUMNS
+from ingestor.feature_spec import FEATURE_COLUMNS
 
 from .test_features_show_report import PNG_SIGNATURE, ingestor
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from ingestor.feature_spec import FEATURE_COLUMNS, FeatureSettings
 from ingestor.features.engine import DIFF_WAIT_MS, SYNCED, SYNCING, FeatureEngine, FeatureRow
-from ingestor.features.indicators import FEATURE_COLUMNS, FeatureSettings
 from ingestor.sim.offline import Item, generate
 
 S = FeatureSettings(bar_seconds=1, window=4, obi_levels=2)

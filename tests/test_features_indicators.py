@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ingestor.feature_spec import FEATURE_COLUMNS, FeatureSettings
 from ingestor.features.bars import Bar, BarBuilder, Liquidation, Trade
-from ingestor.features.indicators import FEATURE_COLUMNS, FeatureSettings, FeatureState, footprint
+from ingestor.features.indicators import FeatureState, footprint
 
 NAN = math.nan
 

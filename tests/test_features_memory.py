@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from ingestor.feature_spec import FeatureSettings
 from ingestor.features.engine import (
     MAX_PENDING_CHECKS,
     PENDING_KEEP_MS,
@@ -34,7 +35,6 @@ from ingestor.features.engine import (
     FeatureEngine,
     SymbolState,
 )
-from ingestor.features.indicators import FeatureSettings
 from ingestor.sim.model import MarketModel, ModelParams
 from ingestor.sim.offline import START_MS
 from ingestor.sim.universe import build_universe

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ingestor.features.indicators import FeatureSettings
+from ingestor.feature_spec import FeatureSettings
 from ingestor.features.verify import verify_live_rows
 from ingestor.sim.server import SimConfig, Simulator
 

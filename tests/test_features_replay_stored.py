@@ -10,8 +10,8 @@ from typing import Any
 
 import asyncpg
 
+from ingestor.feature_spec import FeatureSettings
 from ingestor.features.engine import FeatureRow
-from ingestor.features.indicators import FeatureSettings
 from ingestor.features.replay import ReplayRange, replay
 
 FS = FeatureSettings(bar_seconds=1, window=4, obi_levels=2)

@@ -9,10 +9,11 @@ import random
 import asyncpg
 import numpy as np
 
-from ingestor.binance import rows
+from ingestor.feature_spec import FEATURE_COLUMNS, FeatureSettings
 from ingestor.features.bars import BarBuilder
-from ingestor.features.indicators import FEATURE_COLUMNS, FeatureSettings, FeatureState
-from ingestor.writer.copy_binary import copy_file
+from ingestor.features.indicators import FeatureState
+from ingestor.wire import rows
+from ingestor.wire.copy_binary import copy_file
 
 
 def feature_rows(n_trades: int = 4000) -> list[dict]:

@@ -22,11 +22,12 @@ import numpy as np
 import orjson
 from matplotlib import image as mpimg
 
-from ingestor.binance import rows
+from ingestor.feature_spec import FEATURE_COLUMNS, FeatureSettings
 from ingestor.features import query
 from ingestor.features.bars import BarBuilder, Liquidation
-from ingestor.features.indicators import FEATURE_COLUMNS, FeatureSettings, FeatureState
-from ingestor.writer.copy_binary import copy_file
+from ingestor.features.indicators import FeatureState
+from ingestor.wire import rows
+from ingestor.wire.copy_binary import copy_file
 
 INGESTOR = str(Path(sys.executable).parent / "ingestor")
 T0 = 1_795_132_800_000  # 2026-11-20T00:00:00Z

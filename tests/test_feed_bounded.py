@@ -7,7 +7,7 @@ import multiprocessing as mp
 
 import orjson
 
-from ingestor.features.feed import Feed, MarketFeed, put_bounded
+from ingestor.wire.feed import Feed, MarketFeed, put_bounded
 
 
 def test_a_full_queue_refuses_without_blocking_and_takes_again_once_drained() -> None:

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from ingestor.binance.rest_client import RestClient, RestError
 from ingestor.sim import encode as enc
-from ingestor.workers.batching import Batch
+from ingestor.wire.batching import Batch
+from ingestor.wire.copy_binary import tuple_offsets
 from ingestor.workers.frames import FrameHandler
-from ingestor.writer.copy_binary import tuple_offsets
 
 from .conftest import DOCS_DATA, REALDATA
 

@@ -20,7 +20,7 @@ import pytest
 from ingestor.config import ConfigError, Settings, load_settings
 from ingestor.logs import JsonFormatter, text_formatter
 from ingestor.sim.server import SimConfig, Simulator
-from ingestor.workers.child import ChildContext, run_child
+from ingestor.wire.child import ChildContext, run_child
 
 from .conftest import post_json
 from .pipeline import INGESTOR, Pipeline, sim_flags, wait_until

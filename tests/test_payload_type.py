@@ -11,10 +11,10 @@ import asyncpg
 import orjson
 import pytest
 
-from ingestor.binance import rows
 from ingestor.db.migrate import PAYLOAD_TABLES, PayloadTypeError, ensure_payload_type
+from ingestor.wire import copy_binary as cb
+from ingestor.wire import rows
 from ingestor.writer import copier
-from ingestor.writer import copy_binary as cb
 
 T0 = 1_795_132_800_000
 # Binance's own spacing is compact; this one is not, so "verbatim" is visible.

@@ -34,11 +34,11 @@ import asyncpg
 import orjson
 import pytest
 
-from ingestor.binance import rows
 from ingestor.binance.streams import Market
 from ingestor.sim.captures import Capture, event_type, read_capture
+from ingestor.wire import copy_binary as cb
+from ingestor.wire import rows
 from ingestor.workers.frames import Batch, FrameHandler
-from ingestor.writer import copy_binary as cb
 
 from .conftest import REALDATA
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from ingestor.binance import rows as R
 from ingestor.db.resume import stored_positions
+from ingestor.wire import rows as R
 from ingestor.writer.copier import copy_rows
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import orjson
 
-from ingestor.workers.batching import Batch, Batcher
+from ingestor.wire.batching import Batch, Batcher
 from ingestor.workers.frames import FrameHandler
 
 

@@ -1,5 +1,5 @@
 """Unit tests of ``ingestor.workers.frames`` (envelope cut, FrameHandler) and
-``ingestor.workers.batching`` (Batcher)."""
+``ingestor.wire.batching`` (Batcher)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from ingestor.sim import encode as enc
-from ingestor.workers.batching import Batch, Batcher
+from ingestor.wire.batching import Batch, Batcher
+from ingestor.wire.copy_binary import tuple_offsets
 from ingestor.workers.frames import FrameHandler, split_envelope
-from ingestor.writer.copy_binary import tuple_offsets
 
 DOCS = Path(__file__).resolve().parent / "data" / "binance_docs"
 PG_EPOCH_MS = 946_684_800_000  # 2000-01-01 in Unix ms

@@ -12,8 +12,8 @@ from pathlib import Path
 import asyncpg
 import orjson
 
-from ingestor.binance import rows
-from ingestor.workers.batching import Backfill, Batch
+from ingestor.wire import rows
+from ingestor.wire.batching import Backfill, Batch
 from ingestor.writer import copier
 from ingestor.writer.spool import Spool
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ingestor.features.indicators import FEATURE_COLUMNS
+from ingestor.feature_spec import FEATURE_COLUMNS
 
 Kind = Literal["text", "int32", "int64", "float64", "bool", "timestamp", "decimal", "float64_list", "json"]
 

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-if TYPE_CHECKING:
-    from ingestor.features.indicators import FeatureSettings
-
-VALID_BAR_SECONDS = (1, 5, 15, 60, 300)
+from ingestor.feature_spec import VALID_BAR_SECONDS, FeatureSettings
 
 FloatArray = npt.NDArray[np.float64]
 

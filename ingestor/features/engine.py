@@ -43,9 +43,10 @@ import numpy as np
 
 from ingestor.binance.depth_sync import DepthGap, DepthSync
 from ingestor.binance.streams import Market
+from ingestor.feature_spec import FeatureSettings
 from ingestor.features.bars import Bar, BarBuilder, Liquidation
 from ingestor.features.book import F64, NumpyBook, changed_prices, drift, level_prices, new_sync
-from ingestor.features.indicators import BookSide, FeatureSettings, FeatureState
+from ingestor.features.indicators import BookSide, FeatureState
 
 IDLE, SYNCING, SYNCED = "idle", "syncing", "synced"
 _BAD = (KeyError, TypeError, ValueError, IndexError, AttributeError)

@@ -16,11 +16,11 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from ingestor.binance import rows
 from ingestor.binance.streams import Market
+from ingestor.feature_spec import FEATURE_COLUMNS
 from ingestor.features.engine import FeatureRow
-from ingestor.features.indicators import FEATURE_COLUMNS
-from ingestor.writer.copy_binary import copy_file
+from ingestor.wire import rows
+from ingestor.wire.copy_binary import copy_file
 
 COLUMNS = rows.TABLES["features"]  # market, symbol, bar_time, bar_seconds, then FEATURE_COLUMNS
 _INTS = {"trades", "fp_buy_imb", "fp_sell_imb", "fp_stacked_buy", "fp_stacked_sell", "signal", "bar_seconds"}

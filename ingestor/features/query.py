@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from ingestor.features.indicators import FEATURE_COLUMNS
+from ingestor.feature_spec import FEATURE_COLUMNS
 
 COLUMNS = ("market", "symbol", "bar_time", "bar_seconds", *FEATURE_COLUMNS)
 _SELECT = ", ".join(COLUMNS)

@@ -33,8 +33,8 @@ import orjson
 
 from ingestor.binance.streams import MARKETS, Market
 from ingestor.db.reference import tick_sizes_at
+from ingestor.feature_spec import FeatureSettings
 from ingestor.features.engine import FeatureEngine, FeatureRow
-from ingestor.features.indicators import FeatureSettings
 
 RECORDED_LOOKBACK_MS = 10 * 60_000  # a recorded start sync older than this: use a newer snapshot
 SNAPSHOT_LOOKBACK_MS = 60 * 60_000  # how far back to look for a snapshot to start from

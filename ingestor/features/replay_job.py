@@ -7,7 +7,7 @@ from pathlib import Path
 
 import asyncpg
 
-from ingestor.features.indicators import FeatureSettings
+from ingestor.feature_spec import FeatureSettings
 from ingestor.features.output import TableSink, file_sink
 from ingestor.features.query import fmt_time, utc
 from ingestor.features.replay import ReplayError, ReplayRange, ReplayStats, replay

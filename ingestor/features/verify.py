@@ -16,8 +16,8 @@ from typing import Any
 import asyncpg
 
 from ingestor.binance.streams import Market
+from ingestor.feature_spec import FEATURE_COLUMNS, FeatureSettings
 from ingestor.features.engine import FeatureRow
-from ingestor.features.indicators import FEATURE_COLUMNS, FeatureSettings
 from ingestor.features.replay import ReplayRange, replay
 
 

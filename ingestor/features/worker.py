@@ -27,14 +27,14 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingestor.binance import rows
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
 from ingestor.features.engine import DIFF_WAIT_MS, BookGap, FeatureEngine, Outbox
-from ingestor.features.feed import DRAIN, Feed, Snapshot, SnapshotRequest
-from ingestor.workers.batching import Batcher
-from ingestor.workers.child import ChildContext, run_child, tune_gc
-from ingestor.workers.delivery import Delivery, WriterLink
+from ingestor.wire import rows
+from ingestor.wire.batching import Batcher
+from ingestor.wire.child import ChildContext, run_child, tune_gc
+from ingestor.wire.delivery import Delivery, WriterLink
+from ingestor.wire.feed import DRAIN, Feed, Snapshot, SnapshotRequest
 
 log = logging.getLogger(__name__)
 

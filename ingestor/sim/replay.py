@@ -20,16 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from ingestor.binance.streams import MARKETS, Market, StreamSpec
 from ingestor.sim.captures import Capture, read_capture
+from ingestor.sim.hub import Hub
 from ingestor.sim.universe import SymbolSpec
-
-if TYPE_CHECKING:
-    from ingestor.sim.server import Simulator
 
 _PUBLIC_KINDS = {"depth", "bookTicker"}
 
@@ -163,8 +161,9 @@ class Replay:
             return before[-1] if before else snaps[0][1]
         return pick
 
-    async def run(self, sim: Simulator) -> None:
-        hubs = {m: sim.markets[m].hub for m in self.frames if m in sim.markets}
+    async def run(self, market_hubs: dict[Market, Hub]) -> None:
+        # The hubs, not the Simulator: the simulator holds this replay (no import cycle).
+        hubs = {m: market_hubs[m] for m in self.frames if m in market_hubs}
         while not any(n in hub.subs for m, hub in hubs.items() for n in self.streams[m]):
             await asyncio.sleep(0.01)
         self.started = True

@@ -139,7 +139,7 @@ class Simulator:
             self.urls["admin"] = f"http://{cfg.host}:{port}"
         self._spawn(self._housekeeping())
         if self.replay:
-            self._spawn(self.replay.run(self))
+            self._spawn(self.replay.run({m: rt.hub for m, rt in self.markets.items()}))
         else:
             self._spawn(self._clock())
         for fault in cfg.faults:

@@ -15,12 +15,12 @@ from typing import Any
 
 import orjson
 
-from ingestor.binance import rows
 from ingestor.binance.sequence import Gap, Positions, SequenceTracker
 from ingestor.binance.streams import Market
-from ingestor.features.feed import MarketFeed
-from ingestor.workers.batching import Batch, Batcher
-from ingestor.writer.copy_binary import EncodeError
+from ingestor.wire import rows
+from ingestor.wire.batching import Batch, Batcher
+from ingestor.wire.copy_binary import EncodeError
+from ingestor.wire.feed import MarketFeed
 
 log = logging.getLogger(__name__)
 

@@ -26,15 +26,15 @@ import aiohttp
 import asyncpg
 import orjson
 
-from ingestor.binance import rows
 from ingestor.binance.rest_client import RestClient, RestError
 from ingestor.binance.rest_limits import AGG_TRADES_WEIGHT, OPEN_INTEREST_WEIGHT, depth_weight
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
-from ingestor.features.feed import Snapshot, SnapshotRequest, TradeGapRequest
-from ingestor.workers.batching import Backfill, Batch, Batcher
-from ingestor.workers.child import ChildContext, run_child
-from ingestor.workers.delivery import Delivery, WriterLink
+from ingestor.wire import rows
+from ingestor.wire.batching import Backfill, Batch, Batcher
+from ingestor.wire.child import ChildContext, run_child
+from ingestor.wire.delivery import Delivery, WriterLink
+from ingestor.wire.feed import Snapshot, SnapshotRequest, TradeGapRequest
 
 log = logging.getLogger(__name__)
 

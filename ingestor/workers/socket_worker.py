@@ -32,10 +32,10 @@ from ingestor.binance.plan import Connection
 from ingestor.binance.sequence import KIND_OF_TABLE, Gap, Positions
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
-from ingestor.features.feed import Feed, MarketFeed, TradeGapRequest, put_bounded
-from ingestor.workers.batching import Batch, Batcher
-from ingestor.workers.child import ChildContext, run_child
-from ingestor.workers.delivery import Delivery, WriterLink
+from ingestor.wire.batching import Batch, Batcher
+from ingestor.wire.child import ChildContext, run_child
+from ingestor.wire.delivery import Delivery, WriterLink
+from ingestor.wire.feed import Feed, MarketFeed, TradeGapRequest, put_bounded
 from ingestor.workers.frames import FrameHandler, closed_at_once
 
 log = logging.getLogger(__name__)

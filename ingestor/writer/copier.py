@@ -25,9 +25,9 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from ingestor.binance import rows as R
-from ingestor.workers.batching import Backfill
-from ingestor.writer.copy_binary import copy_file, tuple_offsets
+from ingestor.wire import rows as R
+from ingestor.wire.batching import Backfill
+from ingestor.wire.copy_binary import copy_file, tuple_offsets
 
 log = logging.getLogger(__name__)
 

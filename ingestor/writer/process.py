@@ -44,8 +44,8 @@ import asyncpg
 import numpy as np
 
 from ingestor.config import Settings
-from ingestor.workers.batching import Batch
-from ingestor.workers.child import ChildContext, run_child
+from ingestor.wire.batching import Batch
+from ingestor.wire.child import ChildContext, run_child
 from ingestor.writer import copier
 from ingestor.writer.spool import Spool
 

@@ -20,7 +20,7 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
-from ingestor.workers.batching import Batch
+from ingestor.wire.batching import Batch
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from ingestor.binance.streams import Market
-from ingestor.writer import copy_binary as cb
+from ingestor.feature_spec import FEATURE_COLUMNS
+from ingestor.wire import copy_binary as cb
 
 TABLES: dict[str, tuple[str, ...]] = {
     "agg_trades": ("market", "event_time", "symbol", "aggregate_trade_id", "payload"),
@@ -27,18 +28,10 @@ TABLES: dict[str, tuple[str, ...]] = {
     "book_syncs": ("market", "time", "symbol", "snapshot_time", "last_update_id", "reason", "buffered"),
 }
 
-# features: the bar's identity, then the indicator columns in ingestor.features' order.
+# features: the bar's identity, then the indicator columns in ingestor.feature_spec's order.
 _FEATURE_INTS = frozenset({"fp_buy_imb", "fp_sell_imb", "fp_stacked_buy", "fp_stacked_sell", "signal"})
 _FEATURE_BOOLS = frozenset({"bull_div", "bear_div"})
-
-
-def _feature_columns() -> tuple[str, ...]:
-    from ingestor.features.indicators import FEATURE_COLUMNS
-
-    return ("market", "symbol", "bar_time", "bar_seconds", *FEATURE_COLUMNS)
-
-
-TABLES["features"] = _feature_columns()
+TABLES["features"] = ("market", "symbol", "bar_time", "bar_seconds", *FEATURE_COLUMNS)
 
 # Each table's time column: the one batches report their event-to-commit lag by.
 TIME_COLUMN: dict[str, str] = {t: ("time" if "time" in c else "event_time") for t, c in TABLES.items()}

@@ -80,7 +80,7 @@ def run_child(settings: Settings, name: str, stop_event: Any,
     # Spawned: nothing of the parent's logging set-up is inherited; the settings say how.
     setup_logging(settings.log_level, settings.log_format, name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from ingestor.writer import copy_binary
+    from ingestor.wire import copy_binary
 
     copy_binary.use_payload_type(settings.payload_type)  # the tables' type: the supervisor made it so
     import uvloop

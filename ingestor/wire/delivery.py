@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ingestor.workers.batching import Batch
+from ingestor.wire.batching import Batch
 
 log = logging.getLogger(__name__)
 
