@@ -169,3 +169,47 @@ async def test_downtime_between_two_runs_is_backfilled_and_recorded(sim: Simulat
     assert any(g["stream"] == "markPrice" and g["symbol"] == "*" for g in gaps), gaps
     assert any("carrying on from the last stored events of 4 symbol(s)" in line for line in second.log), \
         second.text()
+
+
+@pytest.mark.parametrize("sim", [SimConfig(n_symbols=3, seed=43, record=True, model=BUSY)], indirect=True)
+async def test_producers_killed_in_the_middle_of_a_batch_do_not_wedge_the_writer(
+        sim: Simulator, system_db: str) -> None:
+    """With the writer stopped (SIGSTOP) its input fills up and each producer is left in the
+    middle of handing over a batch; then every producer is killed. The dead ones leave a
+    batch half written: the writer must not wait for its other half forever, and the
+    producers that replace them must still get their batches through."""
+    pipe = await Pipeline(["--dsn", system_db, "--shards", "2", *FAST, *sim_flags(sim)]).start()
+    writer_pid = 0
+    try:
+        await pipe.wait_health(200)
+        await reports(pipe, "socket-0", 3)
+        _, body = await pipe.health()
+        writer_pid = body["workers"]["writer"]["pid"]
+        os.kill(writer_pid, signal.SIGSTOP)
+
+        async def backed_up() -> bool:  # batches pile up unacknowledged behind the stopped writer
+            _, b = await pipe.health()
+            return all(b["workers"][w].get("unacked_batches", 0) >= 20 for w in ("socket-0", "socket-1"))
+        await wait_until(backed_up, 60, "producers backed up")
+        pids = {w: await kill_when(pipe, w, signal.SIGKILL) for w in ("socket-0", "socket-1", "rest", "features")}
+
+        async def replaced() -> bool:  # (not healthy: the writer is still stopped)
+            _, b = await pipe.health()
+            return all(b["workers"][w]["pid"] != pid and b["workers"][w]["alive"] for w, pid in pids.items())
+        await wait_until(replaced, 30, "every producer restarted")
+        os.kill(writer_pid, signal.SIGCONT)
+        writer_pid = 0
+
+        _, b = await pipe.health()
+        before = sum(b["workers"]["writer"].get("rows", {}).values())
+
+        async def committing() -> bool:  # the new producers' batches reach the database again
+            _, b = await pipe.health()
+            return sum(b["workers"]["writer"].get("rows", {}).values()) > before + 1000
+        await wait_until(committing, 60, "rows committed again")
+        result = await finish(sim, pipe, system_db)
+    finally:
+        if writer_pid:
+            os.kill(writer_pid, signal.SIGCONT)
+        await pipe.kill()
+    assert_trades_whole_and_other_losses_recorded(result)
