@@ -1,0 +1,126 @@
+"""Chaos: the writer stalled (SIGSTOP) for a minute while the exchange keeps sending.
+
+Every producer keeps its unacknowledged batches only up to its share of
+``--max-buffer-mb``; then it takes no more data (a socket worker stops reading its sockets,
+TCP pushes back, the exchange or the client's own ping timeout drops the connection, and
+the worker reconnects only once the writer has made room). So every process's RSS stays
+under its baseline plus its share plus a margin, and once the writer runs again the audit
+finds every trade stored once and every other hole written down in ``stream_gaps``.
+
+Before back-pressure (issue 16 items 2 and 3) the socket worker kept every batch of the
+stall in memory, twice referenced (its resend list and the queue's feeder buffer), and
+released the oldest past 512 MB unrecorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from ingestor.sim.audit import TABLES
+from ingestor.sim.model import ModelParams
+from ingestor.sim.server import SimConfig, Simulator
+
+from ..pipeline import Pipeline, sim_flags
+from .helpers import finish
+
+MAX_BUFFER_MB = 16
+# What a process's RSS may hold beyond the batches it keeps: the batch the queue's feeder
+# thread is pickling, the batches being built, the socket's read buffers, and freed memory
+# the allocator has not returned yet.
+MARGIN_MB = 24.0
+STALL_S = 60.0
+# About 1 MB/s of payloads on one market: the stall's data is several times the budget.
+# No panic regime (it would multiply the trades a backfill must fetch), and REST keeps
+# enough trade history for the minute's hole.
+MODEL = ModelParams(rate=3000, changes_per_trade=30, panic_every_s=1e9, trade_history=200_000)
+
+
+def rss_mb(pid: int) -> float:
+    """The process's resident set, from the kernel."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+class Peaks:
+    """The highest RSS seen per process."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.baseline = {name: rss_mb(pid) for name, pid in pids.items()}
+        self.peak = dict(self.baseline)
+
+    def sample(self) -> None:
+        for name, pid in self.pids.items():
+            self.peak[name] = max(self.peak[name], rss_mb(pid))
+
+    async def sample_for(self, seconds: float, check: Any = None) -> None:
+        """Sample every 0.25 s for ``seconds`` (the fault's duration), calling ``check`` too."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.sample()
+            if check is not None:
+                await check()
+            await asyncio.sleep(0.25)
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("sim", [SimConfig(markets=("spot",), n_symbols=40, seed=61, record=True, model=MODEL)],
+                         indirect=True)
+async def test_writer_stalled_for_a_minute_keeps_every_process_under_its_budget(
+        sim: Simulator, system_db: str) -> None:
+    pipe = await Pipeline(["--dsn", system_db, "--markets", "spot", "--max-buffer-mb", str(MAX_BUFFER_MB),
+                           "--batch-age-ms", "100", "--snapshot-interval-s", "0", *sim_flags(sim)]).start()
+    paused_seen: set[str] = set()
+    try:
+        def warm(b: dict[str, Any]) -> bool:  # data flowing and every book built: RSS has settled
+            w = b["workers"]
+            books = w["features"].get("markets", {}).get("spot", {}).get("books", {})
+            return w["socket-0"].get("messages", 0) > 20_000 and books.get("synced") == 40
+        body = await pipe.wait_health(200, timeout=90, check=warm)
+        assert pipe.proc is not None
+        pids = {name: int(w["pid"]) for name, w in body["workers"].items()} | {"supervisor": pipe.proc.pid}
+        share_mb = {name: w.get("buffer_budget_bytes", 0) / 2**20 for name, w in body["workers"].items()}
+        assert share_mb["socket-0"] > 0 and sum(share_mb.values()) <= MAX_BUFFER_MB, share_mb
+        peaks = Peaks(pids)
+
+        async def note_paused() -> None:
+            _, h = await pipe.health()
+            paused_seen.update(n for n, w in h["workers"].items() if w.get("backpressure"))
+
+        os.kill(pids["writer"], signal.SIGSTOP)
+        try:
+            await peaks.sample_for(STALL_S, note_paused)
+        finally:
+            os.kill(pids["writer"], signal.SIGCONT)
+        # The backlog is taken, the socket worker reconnects: RSS is watched until it has.
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            peaks.sample()
+            status, h = await pipe.health()
+            if status == 200 and not h["workers"]["socket-0"].get("backpressure"):
+                break
+            await asyncio.sleep(0.25)
+        result = await finish(sim, pipe, system_db, settle_s=120)
+    finally:
+        await pipe.kill()
+    over = {name: (round(peaks.baseline[name]), round(peaks.peak[name]), round(share_mb.get(name, 0.0)))
+            for name in pids if peaks.peak[name] > peaks.baseline[name] + share_mb.get(name, 0.0) + MARGIN_MB}
+    assert not over, f"RSS over baseline + share + {MARGIN_MB} MB (baseline, peak, share): {over}"
+    assert "socket-0" in paused_seen, paused_seen  # the budget was reached: reading did stop
+    summary = result.summary()
+    trades = result.total("agg_trades")
+    assert trades.sent > 0 and trades.lost == 0 and trades.duplicated == 0, summary
+    for table in TABLES:
+        tally = result.total(table)
+        assert tally.duplicated == 0 and tally.uncovered == 0, (table, summary)
+    # The pause cost the socket its connection: a recorded hole, not a silent one.
+    assert result.total("depth_updates").lost > 0 and sum(result.gaps.values()) > 0, summary
