@@ -26,7 +26,7 @@ from ingestor.sim.audit import TABLES
 from ingestor.sim.model import ModelParams
 from ingestor.sim.server import SimConfig, Simulator
 
-from ..pipeline import Pipeline, sim_flags
+from ..pipeline import Pipeline, sim_flags, wait_until
 from .helpers import finish
 
 MAX_BUFFER_MB = 16
@@ -124,3 +124,44 @@ async def test_writer_stalled_for_a_minute_keeps_every_process_under_its_budget(
         assert tally.duplicated == 0 and tally.uncovered == 0, (table, summary)
     # The pause cost the socket its connection: a recorded hole, not a silent one.
     assert result.total("depth_updates").lost > 0 and sum(result.gaps.values()) > 0, summary
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sim", [SimConfig(n_symbols=3, seed=62, record=True)], indirect=True)
+async def test_rest_worker_over_budget_skips_its_periodic_jobs_until_the_writer_is_back(
+        sim: Simulator, system_db: str) -> None:
+    # Snapshots of 1,000 levels every second: the REST worker's 5% of 8 MB fills within
+    # seconds of the stall, the socket worker's share (at the simulator's default rate) not.
+    pipe = await Pipeline(["--dsn", system_db, "--max-buffer-mb", "8", "--features", "false",
+                           "--snapshot-interval-s", "1", "--open-interest-interval-s", "1", *sim_flags(sim)]).start()
+    try:
+        body = await pipe.wait_health(200, check=lambda b: b["workers"]["rest"].get("requests_done", {}).get(
+            "depth", 0) >= 3)
+        writer = int(body["workers"]["writer"]["pid"])
+        os.kill(writer, signal.SIGSTOP)
+        seen: dict[str, Any] = {}
+        try:
+            async def skipping() -> bool:
+                _, h = await pipe.health()
+                seen.update(h["workers"])
+                return bool(h["workers"]["rest"].get("jobs_skipped", {}).get("depth"))
+            await wait_until(skipping, 60, "the REST worker skipping its periodic jobs")
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        rest = seen["rest"]
+        assert rest["backpressure"] and rest["buffer_bytes"] >= rest["buffer_budget_bytes"], rest
+        assert not seen["socket-0"]["backpressure"], seen["socket-0"]  # its share is far from reached
+        done_at_stall = rest["requests_done"]["depth"]
+
+        def back(b: dict[str, Any]) -> bool:  # acknowledged, under budget, snapshots taken again
+            r = b["workers"]["rest"]
+            return not r["backpressure"] and r["requests_done"]["depth"] > done_at_stall + 2
+        await pipe.wait_health(200, timeout=60, check=back)
+        result = await finish(sim, pipe, system_db)
+    finally:
+        await pipe.kill()
+    summary = result.summary()
+    for table in TABLES:  # the socket worker never paused: nothing lost at all
+        tally = result.total(table)
+        assert tally.lost == 0 and tally.duplicated == 0, (table, summary)
+    assert any("periodic snapshots and open interest are skipped" in line for line in pipe.log), pipe.text()
