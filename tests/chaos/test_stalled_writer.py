@@ -165,3 +165,44 @@ async def test_rest_worker_over_budget_skips_its_periodic_jobs_until_the_writer_
         tally = result.total(table)
         assert tally.lost == 0 and tally.duplicated == 0, (table, summary)
     assert any("periodic snapshots and open interest are skipped" in line for line in pipe.log), pipe.text()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sim", [SimConfig(markets=("spot",), n_symbols=40, seed=63, record=True)], indirect=True)
+async def test_feature_worker_over_budget_takes_no_input_until_the_writer_is_back(
+        sim: Simulator, system_db: str) -> None:
+    # A bar a second for 40 symbols: the feature worker's 5% of 8 MB fills while the writer
+    # is stopped; its input queue stays bounded (the socket worker keeps back what it cannot hold).
+    pipe = await Pipeline(["--dsn", system_db, "--markets", "spot", "--max-buffer-mb", "8",
+                           "--feature-params", "bar_seconds=1", "--snapshot-interval-s", "0", *sim_flags(sim)]).start()
+    try:
+        body = await pipe.wait_health(200, timeout=60, check=lambda b: b["workers"]["features"].get(
+            "markets", {}).get("spot", {}).get("bars", 0) >= 2)
+        writer = int(body["workers"]["writer"]["pid"])
+        os.kill(writer, signal.SIGSTOP)
+        seen: dict[str, Any] = {}
+        try:
+            async def paused() -> bool:
+                _, h = await pipe.health()
+                seen.update(h["workers"])
+                return bool(h["workers"]["features"].get("backpressure"))
+            await wait_until(paused, 90, "the feature worker over its budget")
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        feats = seen["features"]
+        assert feats["buffer_bytes"] >= feats["buffer_budget_bytes"], feats
+        bars_at_stall = feats["markets"]["spot"]["bars"]
+
+        def back(b: dict[str, Any]) -> bool:  # acknowledged, under budget, bars made again
+            f = b["workers"]["features"]
+            return not f["backpressure"] and f["markets"]["spot"]["bars"] > bars_at_stall + 2
+        await pipe.wait_health(200, timeout=90, check=back)
+        result = await finish(sim, pipe, system_db)
+    finally:
+        await pipe.kill()
+    summary = result.summary()
+    trades = result.total("agg_trades")
+    assert trades.sent > 0 and trades.lost == 0 and trades.duplicated == 0, summary
+    for table in TABLES:
+        tally = result.total(table)
+        assert tally.duplicated == 0 and tally.uncovered == 0, (table, summary)
