@@ -26,6 +26,7 @@ from ingestor.sim.audit import TABLES
 from ingestor.sim.model import ModelParams
 from ingestor.sim.server import SimConfig, Simulator
 
+from ..conftest import post_json
 from ..pipeline import Pipeline, sim_flags, wait_until
 from .helpers import finish
 
@@ -128,7 +129,7 @@ async def test_writer_stalled_for_a_minute_keeps_every_process_under_its_budget(
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("sim", [SimConfig(n_symbols=3, seed=62, record=True)], indirect=True)
-async def test_rest_worker_over_budget_skips_its_periodic_jobs_until_the_writer_is_back(
+async def test_rest_worker_over_budget_skips_periodic_jobs_and_holds_backfills_until_the_writer_is_back(
         sim: Simulator, system_db: str) -> None:
     # Snapshots of 1,000 levels every second: the REST worker's 5% of 8 MB fills within
     # seconds of the stall, the socket worker's share (at the simulator's default rate) not.
@@ -146,6 +147,15 @@ async def test_rest_worker_over_budget_skips_its_periodic_jobs_until_the_writer_
                 seen.update(h["workers"])
                 return bool(h["workers"]["rest"].get("jobs_skipped", {}).get("depth"))
             await wait_until(skipping, 60, "the REST worker skipping its periodic jobs")
+            # A dropped connection: its trade gap reaches the REST worker, which holds it.
+            await post_json(sim.urls["admin"] + "/faults", {"kind": "drop", "market": "spot"})
+
+            async def held() -> bool:
+                _, h = await pipe.health()
+                seen.update(h["workers"])
+                r = h["workers"]["rest"]
+                return r["requests_open"] >= 1 and r["backpressure"] and r["trades_backfilled"] == 0
+            await wait_until(held, 30, "a backfill held while over budget")
         finally:
             os.kill(writer, signal.SIGCONT)
         rest = seen["rest"]
@@ -153,17 +163,20 @@ async def test_rest_worker_over_budget_skips_its_periodic_jobs_until_the_writer_
         assert not seen["socket-0"]["backpressure"], seen["socket-0"]  # its share is far from reached
         done_at_stall = rest["requests_done"]["depth"]
 
-        def back(b: dict[str, Any]) -> bool:  # acknowledged, under budget, snapshots taken again
+        def back(b: dict[str, Any]) -> bool:  # acknowledged, under budget, the gap filled, snapshots again
             r = b["workers"]["rest"]
-            return not r["backpressure"] and r["requests_done"]["depth"] > done_at_stall + 2
+            return (not r["backpressure"] and r["trades_backfilled"] > 0 and r["requests_open"] == 0
+                    and r["requests_done"]["depth"] > done_at_stall + 2)
         await pipe.wait_health(200, timeout=60, check=back)
         result = await finish(sim, pipe, system_db)
     finally:
         await pipe.kill()
     summary = result.summary()
-    for table in TABLES:  # the socket worker never paused: nothing lost at all
+    trades = result.total("agg_trades")
+    assert trades.sent > 0 and trades.lost == 0 and trades.duplicated == 0 and trades.extra > 0, summary
+    for table in TABLES:
         tally = result.total(table)
-        assert tally.lost == 0 and tally.duplicated == 0, (table, summary)
+        assert tally.duplicated == 0 and tally.uncovered == 0, (table, summary)
     assert any("periodic snapshots and open interest are skipped" in line for line in pipe.log), pipe.text()
 
 
