@@ -136,8 +136,9 @@ class RestWorker:
             heapq.heappush(heap, (max(due + job.interval_s, time.monotonic()), job))
 
     def _over_budget(self, job: Job) -> bool:
-        """While the writer has not acknowledged this worker's budget, periodic jobs are
-        skipped (the next one comes at its interval), counted and logged once per spell."""
+        """While this worker's unacknowledged batches are over its budget, periodic jobs are
+        skipped (the next one comes at its interval), counted and logged once per spell
+        (tests/chaos/test_stalled_writer.py)."""
         if not self.delivery.paused:
             self.skip_logged = False
             return False
