@@ -25,6 +25,7 @@ from ingestor.feature_spec import FeatureSettings
 from ingestor.logs import LOG_FORMATS
 
 ENV_PREFIX = "INGESTOR_"
+MIN_BUFFER_MB = 8
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,9 @@ class Settings:
         "as sent, cheaper to write); set before the tables hold rows"))
     spool_max_mb: int = field(default=4096, metadata=_opt(
         "disk the writer may fill with batches (in <data-dir>/spool) while the database is away or behind"))
+    max_buffer_mb: int = field(default=1024, metadata=_opt(
+        "memory all producers together may hold in batches the writer has not acknowledged; past its share a "
+        "producer stops reading (a recorded gap, never a silent loss)"))
     snapshot_interval_s: float = field(default=300.0, metadata=_opt(
         "seconds between full depth snapshots of each symbol; 0 disables"))
     snapshot_limit: int = field(default=1000, metadata=_opt("levels per depth snapshot"))
@@ -245,6 +249,10 @@ def validate(s: Settings) -> None:
                  "spool_max_mb"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be at least 1 (got {getattr(s, name)})")
+    # Below this a producer's share (supervisor.buffer_budgets) would not hold a few batches
+    # of --batch-rows rows, and it would pause on almost every batch.
+    if s.max_buffer_mb < MIN_BUFFER_MB:
+        raise ConfigError(f"max_buffer_mb must be at least {MIN_BUFFER_MB} (got {s.max_buffer_mb})")
     for name in ("snapshot_interval_s", "open_interest_interval_s", "connection_max_age_s"):
         if not (math.isfinite(getattr(s, name)) and getattr(s, name) >= 0):
             raise ConfigError(f"{name} must be a number of seconds >= 0 (got {getattr(s, name)})")

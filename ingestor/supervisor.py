@@ -166,6 +166,9 @@ class Supervisor:
             await self._record_symbol_info()
             resume = await self._stored_positions(symbols)
             self.metrics_dir = self._metrics_dir()
+            # The queues have no maxsize: a full one would block a producer's event loop in
+            # put(). What bounds them is each producer's budget of unacknowledged batches
+            # (below), which counts every batch still in its queue's feeder buffer.
             self.queue = self.ctx.Queue()
             self.status_queue = self.ctx.Queue()
             self.stop_event = self.ctx.Event()
@@ -175,9 +178,10 @@ class Supervisor:
             producers = [f"socket-{i}" for i in range(len(self.shards))] + ["rest"] + (
                 ["features"] if s.features else [])
             self.ack_queues = {name: self.ctx.Queue() for name in producers}
+            budgets = buffer_budgets(s.max_buffer_mb * 2**20, len(self.shards), s.features)
 
             def link(name: str) -> WriterLink:
-                return WriterLink(self.queue, self.ack_queues[name], self.writer_epoch)
+                return WriterLink(self.queue, self.ack_queues[name], self.writer_epoch, budgets[name])
 
             # The feature worker's input (feeds and snapshots), and the REST worker's requests
             # (snapshots for the feature worker's books, backfills for the socket workers' gaps).
@@ -415,6 +419,27 @@ class Supervisor:
         }
 
 
+# The REST and feature workers' slices of --max-buffer-mb; the socket workers share the rest.
+SMALL_PRODUCER_SHARE = 0.05
+
+
+def buffer_budgets(total_bytes: int, sockets: int, features: bool) -> dict[str, int]:
+    """Each producer's budget of unacknowledged batch bytes, summing to at most ``total_bytes``.
+
+    The socket workers get most of it: the exchange does not wait, and a socket worker
+    that reaches its budget stops reading and soon loses its connection (a recorded,
+    backfilled gap), so every byte more is time the writer may stall without a gap. The
+    REST worker can skip its periodic jobs and hold its backfills, and the feature worker
+    writes a few rows per bar: a small fixed slice each."""
+    small = int(total_bytes * SMALL_PRODUCER_SHARE)
+    out = {"rest": small}
+    if features:
+        out["features"] = small
+    per_socket = (total_bytes - sum(out.values())) // max(1, sockets)
+    out.update({f"socket-{i}": per_socket for i in range(sockets)})
+    return out
+
+
 def release_reader_lock(q: Any) -> None:
     """Free the batch queue's reader lock if the dead writer held it.
 
@@ -434,4 +459,4 @@ async def run_supervisor(settings: Settings, ready: Callable[[Supervisor], None]
     return await Supervisor(settings).run(ready)
 
 
-__all__ = ["Supervisor", "StartupError", "run_supervisor", "open_database"]
+__all__ = ["Supervisor", "StartupError", "buffer_budgets", "run_supervisor", "open_database"]

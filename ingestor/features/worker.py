@@ -240,11 +240,18 @@ class FeatureWorker:
         while not draining:
             # What is there already is taken right here; only an empty queue is waited on in a
             # thread (a thread hop per turn cost a tenth of the worker's CPU at full rate).
-            items = self._take_ready()
-            if items:
-                await asyncio.sleep(0)  # the loop's other work (signals, the recompute task) still runs
+            if self.delivery.paused:
+                # Over its share of --max-buffer-mb: no input taken until the writer makes room,
+                # so this process does not grow; the producers keep back what the queue cannot
+                # hold (bounded, counted as Feed.lost) and the stored data has it all.
+                items = []
+                await asyncio.sleep(TICK_S)
             else:
-                items = await loop.run_in_executor(None, self._take)
+                items = self._take_ready()
+                if items:
+                    await asyncio.sleep(0)  # the loop's other work (signals, the recompute task) still runs
+                else:
+                    items = await loop.run_in_executor(None, self._take)
             for item in items:
                 if isinstance(item, str) and item == DRAIN:
                     draining = True
@@ -349,6 +356,8 @@ class FeatureWorker:
         except NotImplementedError:  # macOS
             depth = -1
         M.QUEUE_DEPTH.labels(w, "feature_in").set(depth)
+        M.BUFFER_BYTES.labels(w).set(self.delivery.pending_bytes)
+        M.BACKPRESSURE.labels(w).set(int(self.delivery.paused))
         self.status_queue.put({
             "worker": w, "kind": "features", "time": wall, "markets": markets, "queue_depth": depth,
             "waiting_bars": eng.waiting_bars(), "rejected": sum(self.rejected.values()),
@@ -357,7 +366,7 @@ class FeatureWorker:
             # The supervisor hands this to the next worker if this one dies: the bars are
             # owed from the chain's first bar until this worker's have been stored.
             "bar_starts": {m: self.owed_from.get(m, ms) for m, ms in eng.start_ms.items()},
-            "pending_rows": self.batcher.pending_rows(),
+            "pending_rows": self.batcher.pending_rows(), **self.delivery.status(),
         })
 
 

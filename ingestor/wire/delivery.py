@@ -7,9 +7,18 @@ spool. When the supervisor starts a new writer (``writer_epoch`` moves), the bat
 kept are sent again, since the writer that died may have held them. One it had committed
 after all comes back as a duplicate, which the tables' unique keys turn away.
 
-Memory is bounded: past ``max_bytes`` of unacknowledged batches (the writer dead for long)
-the oldest are no longer kept for a resend, loudly: logged and counted by table (they
-are lost only if the writer had not taken them).
+Memory is bounded by back-pressure, never by letting batches go: once the unacknowledged
+bytes reach the producer's budget (its share of ``--max-buffer-mb``, ``WriterLink.budget``)
+``paused`` turns True and the producer takes no more data (a socket worker stops reading
+its sockets, the REST worker skips its periodic jobs and holds backfills, the feature
+worker stops taking input) until the writer's acks bring them under ``RESUME_FRACTION`` of
+it. A batch stays kept until it is acknowledged, whatever the budget
+(tests/test_delivery.py ``test_over_budget_pauses_and_keeps_every_batch``).
+
+What the budget counts: every batch not acknowledged yet, wherever it is. The queue's
+feeder thread holds references to the same ``Batch`` objects (it pickles one at a time as
+it writes the pipe), and a resend to a new writer puts the same objects on the queue
+again: shared, not copied (``test_resend_to_a_new_writer_shares_the_batches_memory``).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import logging
 import os
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,26 +37,32 @@ from ingestor.wire.batching import Batch
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+# Taking data again only once this fraction of the budget is left in use: a producer that
+# resumed at the budget itself would pause again on its next batch, flapping per batch.
+RESUME_FRACTION = 0.75
 
 
 @dataclass(frozen=True)
 class WriterLink:
     """What a producer process is given to reach the writer: the writer's queue, this
-    producer's ack queue and the writer epoch (a shared counter the supervisor moves on
-    each writer start). Without the last two, batches are sent and forgotten."""
+    producer's ack queue, the writer epoch (a shared counter the supervisor moves on each
+    writer start) and the producer's budget of unacknowledged bytes. Without the ack queue
+    and the epoch, batches are sent and forgotten."""
 
     queue: Any
     acks: Any = None
     epoch: Any = None
+    budget: int = DEFAULT_MAX_BYTES
 
 
 class Delivery:
-    def __init__(self, name: str, link: WriterLink, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, name: str, link: WriterLink) -> None:
         self.name = name
         self.out_queue = link.queue
         self.ack_queue = link.acks
         self.writer_epoch = writer_epoch = link.epoch
-        self.max_bytes = max_bytes
+        self.max_bytes = link.budget
+        self.resume_bytes = int(link.budget * RESUME_FRACTION)
         # Unique per process start: acks meant for a previous incarnation are ignored.
         self.incarnation = (time.time_ns() << 16 | os.getpid() & 0xFFFF) & (2**63 - 1)
         self.seq = 0
@@ -54,15 +70,19 @@ class Delivery:
         self.pending_bytes = 0
         self.epoch = writer_epoch.value if writer_epoch is not None else 0
         self.resent = 0
+        self.paused = False  # over budget: take no more data until under resume_bytes
+        self.pauses = 0
+        self.paused_since = 0.0
         # Per batch, what the producer's state was when it was sent (``send(mark=...)``);
         # once it and every batch before it are acknowledged, the mark is safe: what it
         # describes is in the database (or the writer's spool).
         self.marks: dict[int, tuple[str, Any]] = {}
         self.safe: dict[str, Any] = {}
-        self.released: dict[str, int] = {}  # table -> rows let go unacknowledged past max_bytes
 
     def send(self, batch: Batch, mark: tuple[str, Any] | None = None) -> None:
-        """Send ``batch``; ``mark`` is (key, state) to learn as safe once it is acknowledged."""
+        """Send ``batch`` (kept until acknowledged, even past the budget: ``paused`` is the
+        caller's signal to take no more); ``mark`` is (key, state) to learn as safe once it
+        is acknowledged."""
         self.seq += 1
         batch.producer, batch.incarnation, batch.seq = self.name, self.incarnation, self.seq
         if mark is not None:
@@ -70,8 +90,7 @@ class Delivery:
         if self.ack_queue is not None:
             self.pending[self.seq] = batch
             self.pending_bytes += batch.nbytes
-            if self.pending_bytes > self.max_bytes:
-                self._release_oldest()
+            self._update_pause()
         self.out_queue.put(batch)
 
     def poll(self) -> None:
@@ -89,6 +108,7 @@ class Delivery:
                 batch = self.pending.pop(seq, None)
                 if batch is not None:
                     self.pending_bytes -= batch.nbytes
+        self._update_pause()
         epoch = self.writer_epoch.value if self.writer_epoch is not None else 0
         if epoch != self.epoch:
             self.epoch = epoch
@@ -96,7 +116,7 @@ class Delivery:
                 log.warning("a new writer started: sending again the %d batch(es) it has not acknowledged",
                             len(self.pending))
                 for batch in self.pending.values():
-                    self.out_queue.put(batch)
+                    self.out_queue.put(batch)  # the same objects: their memory is shared, not doubled
                 self.resent += len(self.pending)
 
     def safe_marks(self) -> dict[str, Any]:
@@ -108,6 +128,15 @@ class Delivery:
                 key, state = self.marks.pop(seq)
                 self.safe[key] = state
         return self.safe
+
+    async def wait_for_room(self, should_stop: Callable[[], bool], period_s: float = 0.05) -> bool:
+        """Until the producer may take data again (True), or it is told to stop (False)."""
+        while self.paused:
+            if should_stop():
+                return False
+            await asyncio.sleep(period_s)
+            self.poll()
+        return True
 
     async def wait_acked(self, timeout_s: float, period_s: float = 0.05) -> bool:
         """At shutdown: until every batch is acknowledged (True) or the time is up."""
@@ -122,11 +151,23 @@ class Delivery:
                 return False
             await asyncio.sleep(period_s)
 
-    def _release_oldest(self) -> None:
-        while self.pending_bytes > self.max_bytes and self.pending:
-            seq = next(iter(self.pending))
-            batch = self.pending.pop(seq)
-            self.pending_bytes -= batch.nbytes
-            self.released[batch.table] = self.released.get(batch.table, 0) + batch.rows
-            log.error("%s: %d rows no longer kept for a resend: the writer has not acknowledged %d MB of "
-                      "batches (lost if it never took them)", batch.table, batch.rows, self.max_bytes // 2**20)
+    def status(self) -> dict[str, Any]:
+        """For the producer's status line (/health)."""
+        return {"buffer_bytes": self.pending_bytes, "buffer_budget_bytes": self.max_bytes,
+                "backpressure": self.paused, "backpressure_pauses": self.pauses}
+
+    def _update_pause(self) -> None:
+        if not self.paused and self.pending_bytes >= self.max_bytes:
+            self.paused = True
+            self.pauses += 1
+            self.paused_since = time.monotonic()
+            log.warning("the writer has not acknowledged %.1f MB (this producer's budget, --max-buffer-mb): taking "
+                        "no more data until it has", self.pending_bytes / 2**20, extra={
+                            "event": "backpressure_on", "producer": self.name, "buffer_bytes": self.pending_bytes,
+                            "budget_bytes": self.max_bytes, "batches": len(self.pending)})
+        elif self.paused and self.pending_bytes <= self.resume_bytes:
+            self.paused = False
+            waited = time.monotonic() - self.paused_since
+            log.info("the writer caught up after %.1f s: taking data again", waited, extra={
+                "event": "backpressure_off", "producer": self.name, "buffer_bytes": self.pending_bytes,
+                "paused_s": round(waited, 1)})

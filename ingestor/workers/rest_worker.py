@@ -85,6 +85,8 @@ class RestWorker:
                                producer=ctx.name)
         self.done: dict[str, int] = {}
         self.failed = 0
+        self.skipped: dict[str, int] = {}  # periodic jobs not run while over the buffer budget, by kind
+        self.skip_logged = False  # once per spell over budget
         self.totals: Any = None  # metrics.Totals, created on the first report (after import)
 
     async def run(self) -> None:
@@ -127,8 +129,25 @@ class RestWorker:
                     pass
                 continue
             heapq.heappop(heap)
+            if self._over_budget(job):
+                heapq.heappush(heap, (max(due + job.interval_s, time.monotonic()), job))
+                continue
             await self._run_job(job)
             heapq.heappush(heap, (max(due + job.interval_s, time.monotonic()), job))
+
+    def _over_budget(self, job: Job) -> bool:
+        """While this worker's unacknowledged batches are over its budget, periodic jobs are
+        skipped (the next one comes at its interval), counted and logged once per spell
+        (tests/chaos/test_stalled_writer.py)."""
+        if not self.delivery.paused:
+            self.skip_logged = False
+            return False
+        self.skipped[job.kind] = self.skipped.get(job.kind, 0) + 1
+        if not self.skip_logged:
+            self.skip_logged = True
+            log.warning("over the buffer budget (--max-buffer-mb): periodic snapshots and open interest are skipped "
+                        "until the writer catches up", extra={"event": "rest_jobs_skipped", "job": job.kind})
+        return True
 
     async def _run_job(self, job: Job) -> None:
         try:
@@ -175,6 +194,10 @@ class RestWorker:
         async def serve(req: SnapshotRequest | TradeGapRequest, key: tuple[Any, ...]) -> None:
             try:
                 async with slots:
+                    # Held, never dropped, while over budget: a backfill's rows are what the
+                    # gap is waiting for.
+                    if not await self.delivery.wait_for_room(self.ctx.should_stop):
+                        return  # stopping: a backfill's gap stays open for the next run's scan
                     if isinstance(req, TradeGapRequest):
                         await self._backfill(req)
                     else:
@@ -308,12 +331,15 @@ class RestWorker:
                 M.REST_WEIGHT.labels(w, market).set(budget.used)
         for table, n in self.batcher.sent_rows.items():
             self.totals.set(M.ROWS_SENT.labels(w, table), n)
+        M.BUFFER_BYTES.labels(w).set(self.delivery.pending_bytes)
+        M.BACKPRESSURE.labels(w).set(int(self.delivery.paused))
         self.status_queue.put({
             "worker": w, "kind": "rest", "time": time.time(), "requests_done": dict(self.done),
             "failed": self.failed,
             "weight_used": {m: b.used for m, b in client.budgets.items()} if client else {},
             "pending_rows": self.batcher.pending_rows(), "requests_open": len(self.asked),
             "snapshots_served": self.served, "trades_backfilled": self.backfilled,
+            "jobs_skipped": dict(self.skipped), **self.delivery.status(),
         })
 
 def main(settings: Settings, name: str, symbols: dict[Market, list[str]], link: WriterLink, status_queue: Any,

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
@@ -74,6 +75,9 @@ class _Listener(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
         self.connected = True
+        self.conn.listeners.add(self)
+        if self.conn.reading_paused:  # opened while over budget (a rotation): no data until there is room
+            _pause(transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.TEXT and frame.fin:
@@ -90,7 +94,21 @@ class _Listener(WSListener):
         self.close_reason = self.closing_reason or _close_reason(transport)
         self.connected = False
         self.transport = None
+        self.conn.listeners.discard(self)
         self.closed.set()
+
+
+def _pause(transport: WSTransport) -> None:
+    # Not reading the socket: the kernel's receive buffer fills and TCP stops the sender.
+    under = transport.underlying_transport
+    if under.is_reading():
+        under.pause_reading()
+
+
+def _resume(transport: WSTransport) -> None:
+    under = transport.underlying_transport
+    if not under.is_closing() and not under.is_reading():
+        under.resume_reading()
 
 
 def _close_reason(transport: WSTransport) -> str:
@@ -117,6 +135,12 @@ class StreamConnection:
         self.last_message = 0.0
         self.time_kinds = {kind for prefix, kind in _TIME_STREAMS.items()
                            if any(st.startswith(prefix) for st in conn.streams)}
+        # Back-pressure (the worker's Delivery over budget): every open connection of this
+        # one, a rotation's new one included, stops reading; ``room`` is awaited before a
+        # reconnect, so a connection lost while paused is reopened only once there is room.
+        self.listeners: set[_Listener] = set()
+        self.reading_paused = False
+        self.room: Callable[[ChildContext], Awaitable[bool]] | None = None
 
     @property
     def connected(self) -> bool:
@@ -132,6 +156,27 @@ class StreamConnection:
             return
         self.handler.on_frame(payload)
 
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+        for listener in self.listeners:
+            if listener.transport is not None:
+                _pause(listener.transport)
+
+    def resume_reading(self) -> None:
+        self.reading_paused = False
+        for listener in self.listeners:
+            if listener.transport is not None:
+                _resume(listener.transport)
+
+    async def wait_for_room(self, ctx: ChildContext) -> bool:
+        """Before a (re)connect: until the worker takes data again (True) or stops (False).
+        Reconnecting over budget would only read what cannot be kept."""
+        if self.room is None or not self.reading_paused:
+            return not ctx.should_stop()
+        log.warning("%s %s: not reconnecting until the writer has made room (--max-buffer-mb)", self.spec.market,
+                    self.spec.route, extra=self._context("reconnect_held"))
+        return await self.room(ctx)
+
     async def _open(self, held: list[bytes] | None = None) -> _Listener:
         listener = _Listener(self, held)
         await asyncio.wait_for(ws_connect(
@@ -144,6 +189,8 @@ class StreamConnection:
     async def run(self, ctx: ChildContext) -> None:
         attempt = 0
         while not ctx.should_stop():
+            if not await self.wait_for_room(ctx):
+                return
             try:
                 self.listener = await self._open()
             except Exception as exc:  # noqa: BLE001 - DNS, TCP, TLS, handshake: all mean "try again"
@@ -269,6 +316,9 @@ class SocketWorker:
         }
         self.conns = [StreamConnection(c, c.url(s.ws_url(c.market)), self.handlers[c.market], s)
                       for c in connections]
+        self.reading_paused = False
+        for c in self.conns:
+            c.room = self._room
         self.request_queue = request_queue
         self.backfills_asked = 0
         if positions:  # a predecessor died: carry on from where its sequences stood
@@ -308,6 +358,25 @@ class SocketWorker:
         kind = KIND_OF_TABLE.get(batch.table)
         mark = None if kind is None else (kind, {m: h.seq.positions(kind)[kind] for m, h in self.handlers.items()})
         self.delivery.send(batch, mark)
+        if self.delivery.paused and not self.reading_paused:
+            self._apply_backpressure()  # at once: the frames already read are the overshoot
+
+    def _apply_backpressure(self) -> None:
+        """Sockets read while the writer's unacknowledged batches are within budget, and
+        not while over it (tests/chaos/test_stalled_writer.py)."""
+        if self.delivery.paused and not self.reading_paused:
+            self.reading_paused = True
+            for c in self.conns:
+                c.pause_reading()
+        elif self.reading_paused and not self.delivery.paused:
+            self.reading_paused = False
+            for c in self.conns:
+                c.resume_reading()
+
+    async def _room(self, ctx: ChildContext) -> bool:
+        ok = await self.delivery.wait_for_room(ctx.should_stop)
+        self._apply_backpressure()
+        return ok
 
     def safe_positions(self) -> dict[Market, Positions]:
         """Per market, the sequence positions of data the writer has acknowledged."""
@@ -337,6 +406,7 @@ class SocketWorker:
             await asyncio.sleep(FLUSH_PERIOD_S)
             self.batcher.flush()
             self.delivery.poll()
+            self._apply_backpressure()
             for feed in self.feeds.values():
                 feed.flush()
             now = time.monotonic()
@@ -382,6 +452,8 @@ class SocketWorker:
                                              if c.spec.market == m and c.connected))
         for table, n in self.batcher.sent_rows.items():
             self.totals.set(M.ROWS_SENT.labels(w, table), n)
+        M.BUFFER_BYTES.labels(w).set(self.delivery.pending_bytes)
+        M.BACKPRESSURE.labels(w).set(int(self.delivery.paused))
         now = time.monotonic()
         msgs = sum(sum(h.messages.values()) for h in self.handlers.values())
         prev = self._last_status
@@ -401,6 +473,7 @@ class SocketWorker:
             "pending_rows": self.batcher.pending_rows(), "unacked_batches": len(self.delivery.pending),
             "rotations": sum(c.rotations for c in self.conns), "backfills_asked": self.backfills_asked,
             "feature_dropped": sum(f.dropped for f in self.feeds.values()),
+            **self.delivery.status(),
             **({"positions": self.safe_positions()} if positions else {}),
         })
 
