@@ -16,8 +16,8 @@ import pytest
 
 from ingestor.config import MIN_BUFFER_MB, ConfigError, load_settings
 from ingestor.supervisor import buffer_budgets
-from ingestor.workers.batching import Batch
-from ingestor.workers.delivery import RESUME_FRACTION, Delivery, WriterLink
+from ingestor.wire.batching import Batch
+from ingestor.wire.delivery import RESUME_FRACTION, Delivery, WriterLink
 
 CTX = mp.get_context("spawn")
 
