@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from ingestor.db.reference import record_symbol_info
 from ingestor.db.resume import stored_positions
 from ingestor.features import worker as feature_worker
 from ingestor.wire import feed
+from ingestor.wire.channel import FanInEnds, add_sender
 from ingestor.wire.delivery import WriterLink
 from ingestor.workers import rest_worker, socket_worker
 from ingestor.writer import process as writer_process
@@ -64,6 +65,7 @@ class Child:
     target: Callable[..., None]
     args: tuple[Any, ...]
     reads: tuple[Any, ...] = ()  # queues it is the only reader of
+    link_at: int | None = None  # a producer: where its WriterLink is in args (a new batch pipe each start)
     positions: dict[Any, Any] = field(default_factory=dict)  # a socket worker's last sequence positions
     process: Any = None
     restarts: int = 0
@@ -166,10 +168,12 @@ class Supervisor:
             await self._record_symbol_info()
             resume = await self._stored_positions(symbols)
             self.metrics_dir = self._metrics_dir()
-            # The queues have no maxsize: a full one would block a producer's event loop in
-            # put(). What bounds them is each producer's budget of unacknowledged batches
-            # (below), which counts every batch still in its queue's feeder buffer.
-            self.queue = self.ctx.Queue()
+            # Batches travel on one pipe per producer (wire/channel.py: a producer killed in
+            # the middle of a batch cannot wedge the writer or the other producers), made
+            # anew for each producer start; the writer is handed each one as it is made.
+            # What bounds them is each producer's budget of unacknowledged batches (below).
+            self.batch_pipes: dict[str, Any] = {}  # producer -> the reading end of its current pipe
+            self.writer_control: Any = None  # the running writer's control connection
             self.status_queue = self.ctx.Queue()
             self.stop_event = self.ctx.Event()
             # Each producer's acknowledgements from the writer, and the count of writer
@@ -180,22 +184,21 @@ class Supervisor:
             self.ack_queues = {name: self.ctx.Queue() for name in producers}
             budgets = buffer_budgets(s.max_buffer_mb * 2**20, len(self.shards), s.features)
 
-            def link(name: str) -> WriterLink:
-                return WriterLink(self.queue, self.ack_queues[name], self.writer_epoch, budgets[name])
+            def link(name: str) -> WriterLink:  # its pipe is made at each start (_start)
+                return WriterLink(None, self.ack_queues[name], self.writer_epoch, budgets[name])
 
             # The feature worker's input (feeds and snapshots), and the REST worker's requests
             # (snapshots for the feature worker's books, backfills for the socket workers' gaps).
             self.feature_queue = self.ctx.Queue() if s.features else None
             self.request_queue = self.ctx.Queue()
             self.children.append(Child("writer", "writer", writer_process.main,
-                                       (s, "writer", self.dsn, self.queue, self.status_queue, self.ack_queues),
-                                       (self.queue,)))
+                                       (s, "writer", self.dsn, None, self.status_queue, self.ack_queues)))
             if s.features:
                 ticks = {k: float(v) for k, v in self.universe.tick_sizes.items()}
                 self.children.append(Child("features", "features", feature_worker.main,
                                            (s, "features", ticks, self.feature_queue, link("features"),
                                             self.request_queue, self.status_queue, self.dsn),
-                                           (self.feature_queue, self.ack_queues["features"])))
+                                           (self.feature_queue, self.ack_queues["features"]), link_at=4))
             for i, conns in enumerate(self.shards):
                 name = f"socket-{i}"
                 # Each worker carries on from where the last run stopped, for its markets.
@@ -203,11 +206,11 @@ class Supervisor:
                 self.children.append(Child(name, "socket", socket_worker.main,
                                            (s, name, conns, symbols, link(name), self.status_queue,
                                             self.stop_event, self.feature_queue, self.request_queue, seeded),
-                                           (self.ack_queues[name],), positions=seeded))
+                                           (self.ack_queues[name],), positions=seeded, link_at=4))
             self.children.append(Child("rest", "rest", rest_worker.main,
                                        (s, "rest", symbols, link("rest"), self.status_queue, self.stop_event,
                                         self.feature_queue, self.request_queue, self.dsn),
-                                       (self.ack_queues["rest"], self.request_queue)))
+                                       (self.ack_queues["rest"], self.request_queue), link_at=3))
             for child in self.children:
                 self._start(child)
             threading.Thread(target=self._read_status, name="status-reader", daemon=True).start()
@@ -264,13 +267,50 @@ class Supervisor:
         self._stop_requested.set()
 
     def _start(self, child: Child) -> None:
+        sending_end = None
         if child.kind == "writer":
             with self.writer_epoch.get_lock():
                 self.writer_epoch.value += 1
+            # A fresh control connection each time (one a killed writer was reading from may
+            # be cut mid-message), and the reading ends of every producer's current pipe.
+            if self.writer_control is not None:
+                self.writer_control.close()
+            self.writer_control, theirs = self.ctx.Pipe(duplex=True)
+            args = list(child.args)
+            args[3] = FanInEnds(dict(self.batch_pipes), theirs)
+            child.args = tuple(args)
+        elif child.link_at is not None:
+            # A fresh pipe for each start: the last one may end in half a batch of the dead one.
+            reading, sending_end = self.ctx.Pipe(duplex=False)
+            old = self.batch_pipes.pop(child.name, None)
+            if old is not None:
+                old.close()  # the running writer has its own copy, read to the end
+            self.batch_pipes[child.name] = reading
+            args = list(child.args)
+            args[child.link_at] = replace(args[child.link_at], queue=sending_end)
+            child.args = tuple(args)
         child.process = self.ctx.Process(target=child.target, args=child.args, name=child.name, daemon=False)
         child.process.start()
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.process.pid)
+        if child.kind == "writer":
+            child.args[3].control.close()  # the writer has it now
+        elif sending_end is not None:
+            # Only the producer may hold the sending end: when it dies the pipe ends (EOF),
+            # which is how the writer knows that nothing more comes from it.
+            sending_end.close()
+            self._hand_to_writer(child.name)
+
+    def _hand_to_writer(self, name: str) -> None:
+        """Give the running writer the reading end of ``name``'s new pipe. A writer that is
+        not running gets every current pipe when it starts."""
+        writer = next(c for c in self.children if c.kind == "writer")
+        if writer.process is None or writer.process.exitcode is not None or self.writer_control is None:
+            return
+        try:
+            add_sender(self.writer_control, name, self.batch_pipes[name], writer.process.pid)
+        except OSError as exc:  # it died just now: its successor gets the pipe at its start
+            log.warning("could not hand %s's pipe to the writer (%s): the next writer gets it", name, exc)
 
     # -- watch ----------------------------------------------------------------------
 
@@ -358,8 +398,9 @@ class Supervisor:
             else:
                 log.warning("the feature worker is not running: bars still open are not written")
         if writer.process is None or writer.process.exitcode is not None:
-            self._start(writer)  # died during shutdown: the queue still holds its work
-        self.queue.put(writer_process.DRAIN)
+            self._start(writer)  # died during shutdown: the pipes still hold its work
+        # Every producer has exited: the writer reads each pipe to its end, then drains.
+        self.writer_control.send(("drain",))
         await self._join([writer], WRITER_DRAIN_TIMEOUT_S)
         for c in self.children:
             if c.process is not None:

@@ -41,6 +41,7 @@ import selectors
 import struct
 import time
 import zlib
+from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any
@@ -184,6 +185,15 @@ class Sender:
                 if left is not None and left <= 0:
                     return False
                 sel.select(left)
+
+
+@dataclass(frozen=True)
+class FanInEnds:
+    """What a reading process is given: the reading end of each sender's pipe, by name, and
+    its end of the control connection."""
+
+    readers: dict[str, Connection]
+    control: Connection
 
 
 class FanIn:

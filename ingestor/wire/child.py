@@ -61,7 +61,8 @@ class ChildContext:
         last status is harmless), the batch queue only when the supervisor is gone.
         """
         for q in queues:
-            q.cancel_join_thread()
+            if hasattr(q, "cancel_join_thread"):  # a batch pipe (wire/channel.py) has no feeder thread
+                q.cancel_join_thread()
 
     def should_stop(self) -> bool:
         if self.stopping.is_set():

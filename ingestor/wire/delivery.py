@@ -30,9 +30,11 @@ import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 from ingestor.wire.batching import Batch
+from ingestor.wire.channel import Sender
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ class WriterLink:
 class Delivery:
     def __init__(self, name: str, link: WriterLink) -> None:
         self.name = name
-        self.out_queue = link.queue
+        # A batch pipe of its own (wire/channel.py), or any queue (tests, tools).
+        self.out_queue = Sender(link.queue) if isinstance(link.queue, Connection) else link.queue
         self.ack_queue = link.acks
         self.writer_epoch = writer_epoch = link.epoch
         self.max_bytes = link.budget
@@ -146,6 +149,8 @@ class Delivery:
             if not self.pending:
                 return True
             if time.monotonic() >= deadline:
+                if isinstance(self.out_queue, Sender) and not self.out_queue.flush(5.0):
+                    log.error("%d batch(es) not even written to the writer's pipe", self.out_queue.qsize())
                 log.error("stopping with %d batch(es) the writer never acknowledged (%d rows)",
                           len(self.pending), sum(b.rows for b in self.pending.values()))
                 return False

@@ -45,6 +45,7 @@ import numpy as np
 
 from ingestor.config import Settings
 from ingestor.wire.batching import Batch
+from ingestor.wire.channel import FanIn, FanInEnds
 from ingestor.wire.child import ChildContext, run_child
 from ingestor.writer import copier
 from ingestor.writer.spool import Spool
@@ -512,8 +513,14 @@ def spool_dir(data_dir: Path, dsn: str) -> Path:
 def main(settings: Settings, name: str, dsn: str, in_queue: Any, status_queue: Any,
          acks: dict[str, Any] | None = None) -> None:
     async def body(ctx: ChildContext) -> None:
-        await Writer(ctx, dsn, in_queue, status_queue, acks, spool_dir(settings.data_dir, dsn),
-                     settings.spool_max_mb * 2**20).run()
+        # The batch pipes (wire/channel.py): given as their ends, read here as one queue.
+        batches = FanIn(in_queue.readers, in_queue.control) if isinstance(in_queue, FanInEnds) else in_queue
+        try:
+            await Writer(ctx, dsn, batches, status_queue, acks, spool_dir(settings.data_dir, dsn),
+                         settings.spool_max_mb * 2**20).run()
+        finally:
+            if isinstance(batches, FanIn):
+                batches.close()
         ctx.release_queues(status_queue, *(acks or {}).values())
 
     # The writer takes no stop event: it stops on DRAIN, after the producers.
