@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from array import array
 from pathlib import Path
 
@@ -507,3 +508,43 @@ def test_a_successor_carries_on_from_the_positions_of_a_dead_worker() -> None:
     assert [(r[2], r[5], r[6]) for r in sink.rows("stream_gaps")] == [(b"aggTrade", ts(5102), ts(5106)),
                                                                       (b"markPrice", ts(6000), ts(9000))]
     assert [r[1] for r in sink.rows("mark_prices")] == [ts(9000)]
+
+
+# -- implausible ids and times: rejected, counted, one frame each ----------------------
+
+def test_a_bogus_trade_id_costs_one_frame_and_is_counted() -> None:
+    h, sink = handler("spot")
+    for i, a in enumerate((100, 101, 2**62, 102, 103)):
+        E = 1_700_000_000_000 + i  # noqa: N806
+        h.on_frame(enc.envelope("btcusdt@aggTrade", enc.agg_trade_spot(E, "BTCUSDT", a, "42000.01", "0.001", 7, 7,
+                                                                       E - 1, True)))
+    h.flush(force=True)
+    assert [r[3] for r in sink.rows("agg_trades")] == [i8(100), i8(101), i8(102), i8(103)]
+    assert h.rejected == {"implausible_id": 1}
+    assert h.stale == 0 and sink.rows("stream_gaps") == [] and not h.gaps
+
+
+def test_a_bogus_depth_id_costs_one_frame_and_is_counted() -> None:
+    h, sink = handler("futures")
+    h.on_payload(enc.depth_update_futures(1000, 999, "BTCUSDT", 100, 160, 90, [], []))
+    h.on_payload(enc.depth_update_futures(1100, 1099, "BTCUSDT", 161, 2**62, 160, [], []))
+    h.on_payload(enc.depth_update_futures(1200, 1199, "BTCUSDT", 161, 170, 160, [], []))
+    h.flush(force=True)
+    assert [r[4] for r in sink.rows("depth_updates")] == [i8(160), i8(170)]
+    assert h.rejected == {"implausible_id": 1} and sink.rows("stream_gaps") == []
+
+
+def test_a_mark_price_far_in_the_future_costs_itself_not_the_array_nor_the_stream() -> None:
+    h, sink = handler("futures")
+    now = int(time.time() * 1000)
+    h.on_payload(enc.mark_price_array([mark(now - 1000, "BTCUSDT"), mark(now - 1000, "ETHUSDT")]))
+    h.on_payload(enc.mark_price_array([mark(now + 10**9, "BTCUSDT"), mark(now, "ETHUSDT")]))
+    h.on_payload(enc.mark_price_array([mark(now, "BTCUSDT")]))
+    h.on_frame(enc.envelope("!forceOrder@arr", liquidation(now + 10**9)))
+    h.on_frame(enc.envelope("!forceOrder@arr", liquidation(now)))
+    h.flush(force=True)
+    assert [(r[1], r[2]) for r in sink.rows("mark_prices")] == [
+        (ts(now - 1000), b"BTCUSDT"), (ts(now - 1000), b"ETHUSDT"), (ts(now), b"ETHUSDT"), (ts(now), b"BTCUSDT")]
+    assert [r[1] for r in sink.rows("force_orders")] == [ts(now)]
+    assert h.rejected == {"implausible_time": 2}
+

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from ingestor.binance import rows
-from ingestor.binance.sequence import Gap, Positions, SequenceTracker
+from ingestor.binance.sequence import Gap, Implausible, Positions, SequenceTracker
 from ingestor.binance.streams import Market
 from ingestor.features.feed import MarketFeed
 from ingestor.workers.batching import Batch, Batcher
@@ -171,6 +171,8 @@ class FrameHandler:
                 self._mark_price(msg, payload)
             else:
                 self.reject("unknown_event", frame)
+        except Implausible as exc:  # a bogus id or time: this event costs itself, nothing more
+            self.reject(exc.reason, frame)
         except (KeyError, TypeError, ValueError, EncodeError, OverflowError):
             self.reject("fields", frame)
 
@@ -184,6 +186,8 @@ class FrameHandler:
                 continue
             try:  # one bad element costs itself, not the rest of the array
                 self._mark_price(item, orjson.dumps(item))
+            except Implausible as exc:
+                self.reject(exc.reason, orjson.dumps(item))
             except (KeyError, TypeError, ValueError, EncodeError, OverflowError):
                 self.reject("fields", orjson.dumps(item))
 
