@@ -189,7 +189,7 @@ def test_spot_depth_rows_and_gap() -> None:
     assert gap_row[:7] == [b"spot", b"BTCUSDT", b"depth", i8(166), i8(169), ts(1100), ts(1300)]
     # Diffs cannot be fetched afterwards: the gap is closed as unrecoverable when it is found.
     assert gap_row[8] == b"unrecoverable" and gap_row[9] is None and gap_row[10] == gap_row[7]
-    assert [(g.from_id, g.to_id) for g in h.gaps] == [(166, 169)]
+    assert h.gaps == {"depth": 1}
 
 
 def test_futures_depth_pu_gap_and_callback() -> None:
@@ -521,7 +521,7 @@ def test_a_bogus_trade_id_costs_one_frame_and_is_counted() -> None:
     h.flush(force=True)
     assert [r[3] for r in sink.rows("agg_trades")] == [i8(100), i8(101), i8(102), i8(103)]
     assert h.rejected == {"implausible_id": 1}
-    assert h.stale == 0 and sink.rows("stream_gaps") == [] and not h.gaps
+    assert h.stale == 0 and sink.rows("stream_gaps") == [] and h.gaps == {}
 
 
 def test_a_bogus_depth_id_costs_one_frame_and_is_counted() -> None:
@@ -548,3 +548,13 @@ def test_a_mark_price_far_in_the_future_costs_itself_not_the_array_nor_the_strea
     assert [r[1] for r in sink.rows("force_orders")] == [ts(now)]
     assert h.rejected == {"implausible_time": 2}
 
+
+def test_gaps_are_counted_per_stream() -> None:
+    h, _ = handler("spot")
+    for a in (1, 3, 5, 6):
+        h.on_payload(spot_trade(a))
+    h.on_payload(enc.depth_update_spot(1000, "BTCUSDT", 1, 2, [], []))
+    h.on_payload(enc.depth_update_spot(1001, "BTCUSDT", 5, 6, [], []))
+    h.connection_lost({"markPrice"})
+    h.close_time_gaps()
+    assert h.gaps == {"aggTrade": 2, "depth": 1, "markPrice": 1}

@@ -363,8 +363,7 @@ class SocketWorker:
                 self.totals.set(M.REJECTED.labels(w, m, reason), n)
             self.totals.set(M.BYTES.labels(w, m), h.bytes_in)
             self.totals.set(M.STALE.labels(w, m), h.stale)
-            for stream in {g.stream for g in h.gaps}:
-                n = sum(1 for g in h.gaps if g.stream == stream)
+            for stream, n in h.gaps.items():
                 self.totals.set(M.GAPS.labels(w, m, stream), n)
                 if closed_at_once(stream):  # recorded closed when found: detected is closed
                     self.totals.set(M.GAPS_CLOSED.labels(w, m, stream, "unrecoverable"), n)
@@ -392,7 +391,7 @@ class SocketWorker:
             "last_message_age_s": None if not last else round(now - last, 3),
             "reconnects": sum(c.reconnects for c in self.conns),
             "rejected": sum(sum(h.rejected.values()) for h in self.handlers.values()),
-            "gaps": sum(len(h.gaps) for h in self.handlers.values()),
+            "gaps": sum(sum(h.gaps.values()) for h in self.handlers.values()),
             "pending_rows": self.batcher.pending_rows(), "unacked_batches": len(self.delivery.pending),
             "rotations": sum(c.rotations for c in self.conns), "backfills_asked": self.backfills_asked,
             "feature_dropped": sum(f.dropped for f in self.feeds.values()),
