@@ -262,6 +262,10 @@ class Simulator:
                     rt.hub.send_raw((c,), _bad_frame(kind, c, int(time.time() * 1000)))
                 rt.hub.flush()
                 hit += len(conns)
+            elif kind == "hold_close":
+                for c in conns:
+                    c.hold_close()
+                hit += len(conns)
             elif kind == "bogus_id":
                 now_ms = int(time.time() * 1000)
                 for c in conns:

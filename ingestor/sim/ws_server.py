@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 BOGUS_ID = 2**62  # the ``bogus_id`` fault's id: a corrupt frame, far past any real one
 BOGUS_AHEAD_MS = 10**9  # and its event time for streams without ids: eleven days ahead
+# The ``hold_close`` fault's ping flood: the client answers each with a pong that this side
+# no longer reads, until the kernel's buffers both ways are full (loopback: a few MB) and
+# the rest waits in the client's own send buffer, where its close frame queues behind it.
+HOLD_CLOSE_BYTES = 16 * 1024 * 1024
 
 _METHODS = ("SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "SET_PROPERTY", "GET_PROPERTY")
 
@@ -84,6 +88,7 @@ class Connection(WSListener):
         self.incoming: deque[float] = deque()
         self.peer = ""
         self.closing = False  # a close frame was sent: ignore what the client still sends
+        self.unread = False  # the hold_close fault: nothing the client sends is read any more
 
     # picows callbacks ---------------------------------------------------------------
 
@@ -156,6 +161,20 @@ class Connection(WSListener):
                         under.get_write_buffer_size())
             self.server.slow_closed_total += 1
             t.disconnect(graceful=False)
+
+    def hold_close(self) -> None:
+        """The ``hold_close`` fault: stop reading the client and flood it with pings, so that its
+        send buffer fills with pongs nobody reads. Data keeps flowing to it, but a close it
+        starts cannot complete: a graceful close waits for the buffer to drain, and the
+        closing handshake's frame never reaches this side."""
+        t = self.transport
+        if t is None or t.is_disconnected:
+            return
+        self.unread = True
+        t.underlying_transport.pause_reading()
+        ping = b"\0" * 125  # the largest control frame payload
+        for _ in range(HOLD_CLOSE_BYTES // (len(ping) + 2)):
+            t.send_ping(ping)
 
     def bogus_frames(self, now_ms: int, symbol: str | None = None) -> list[bytes]:
         """The ``bogus_id`` fault: one event per kind of stream this connection receives (of
@@ -332,6 +351,8 @@ class WsServer:
             if now - conn.opened >= lim.max_lifetime_s:
                 self.lifetime_closed_total += 1
                 conn.close(WSCloseCode.GOING_AWAY, b"connection lifetime reached")
+                continue
+            if conn.unread:  # its pongs are not read: no pings, no pong deadline
                 continue
             if conn.unanswered_since is not None and now - conn.unanswered_since > lim.pong_timeout_s:
                 self.pong_timeout_total += 1
