@@ -36,7 +36,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 
 from ingestor.binance.plan import Connection
 from ingestor.binance.sequence import KIND_OF_TABLE, Gap, Positions
-from ingestor.binance.streams import Market
+from ingestor.binance.streams import DEFAULT_LIMITS, Market
 from ingestor.config import Settings
 from ingestor.features.feed import Feed, MarketFeed, TradeGapRequest, put_bounded
 from ingestor.workers.batching import Batch, Batcher
@@ -59,11 +59,15 @@ POSITIONS_PERIOD_S = 2.0  # how often the sequence positions go to the superviso
 PING_IDLE_S = 3.0
 PING_REPLY_S = 3.0
 # A rotation's new connection must deliver a frame or answer a ping within this, or the
-# rotation is retried (after ROTATION_RETRY_S, doubling up to ROTATION_RETRY_MAX_S: with the
-# default age of 23.5 h, eight attempts before Binance's 24 h cut).
+# rotation is retried (see rotation_retry_delay).
 ROTATION_PROOF_TIMEOUT_S = 15.0
 ROTATION_RETRY_S = 30.0
 ROTATION_RETRY_MAX_S = 300.0
+ROTATION_RETRY_MIN_S = 5.0
+# The exchange closes a connection at 24 h ("A single connection ... is only valid for 24
+# hours", both markets' WebSocket docs; DEFAULT_LIMITS): a rotation is due this much before
+# it at the latest, whatever --connection-max-age-s says.
+ROTATION_MARGIN_S = 300.0
 # A connection we close (rotated out, or at stop) has this long for the closing handshake;
 # then it is aborted: a peer that stopped reading would otherwise hold it open for good.
 CLOSE_TIMEOUT_S = 5.0
@@ -134,6 +138,7 @@ class StreamConnection:
         self.rotations = 0
         self.rotation_failures = 0  # in a row, since the connection in service was opened
         self.rotate_at = 0.0  # monotonic time the connection in service is due for rotation
+        self.cut_at = 0.0  # and when the exchange will close it (its 24 h lifetime)
         self.forced_closes = 0
         self.task_failures = 0
         self.last_message = 0.0
@@ -207,8 +212,7 @@ class StreamConnection:
                          self.spec.route, len(self.spec.streams), attempt,
                          extra=self._context("connected", attempt=attempt))
             attempt = 0
-            self.rotation_failures = 0
-            self.rotate_at = time.monotonic() + self.settings.connection_max_age_s
+            self._in_service()
             while True:  # this connection, and the ones that replace it by rotation
                 outcome = await self._serve(ctx)
                 if outcome != "rotate":
@@ -278,15 +282,23 @@ class StreamConnection:
             if not switched and new.transport is not None:  # it must not hold frames for good
                 new.transport.disconnect(graceful=False)
         self.rotations += 1
-        self.rotation_failures = 0
-        self.rotate_at = time.monotonic() + self.settings.connection_max_age_s
+        self._in_service()
         log.info("%s %s: connection rotated (make-before-break, %d frames held)", self.spec.market,
                  self.spec.route, len(held), extra=self._context("rotation", held_frames=len(held),
                                                                  rotations=self.rotations))
 
+    def _in_service(self) -> None:
+        """A new connection serves: its rotation is due at the configured age, and before the
+        exchange's cut at the latest."""
+        now = time.monotonic()
+        lifetime = DEFAULT_LIMITS[self.spec.market].max_lifetime_s
+        self.rotation_failures = 0
+        self.cut_at = now + lifetime
+        self.rotate_at = now + min(self.settings.connection_max_age_s, lifetime - ROTATION_MARGIN_S)
+
     def _rotation_failed(self, reason: str) -> None:
         self.rotation_failures += 1
-        delay = min(ROTATION_RETRY_MAX_S, ROTATION_RETRY_S * 2 ** (self.rotation_failures - 1))
+        delay = rotation_retry_delay(self.rotation_failures, self.cut_at - time.monotonic())
         self.rotate_at = time.monotonic() + delay
         log.warning("%s %s: rotation failed (%s); keeping the old connection, trying again in %.0f s",
                     self.spec.market, self.spec.route, reason, delay,
@@ -338,6 +350,15 @@ class StreamConnection:
         """A log line's fields: the event and which connection."""
         return {"event": event, "market": self.spec.market, "route": self.spec.route,
                 "streams": len(self.spec.streams), **fields}
+
+
+def rotation_retry_delay(failures: int, cut_in_s: float) -> float:
+    """Seconds until a failed rotation is tried again: 30 s, doubling up to 5 min, and at
+    most half the time left before the exchange's cut (never under 5 s), so that attempts
+    go on until the cut. With the default age (23.5 h) that is eight attempts or more.
+    Test: tests/chaos/test_connection_faults.py (test_a_failed_rotation_is_retried_before_the_cut)."""
+    backoff = min(ROTATION_RETRY_MAX_S, ROTATION_RETRY_S * 2 ** min(failures - 1, 16))
+    return max(ROTATION_RETRY_MIN_S, min(backoff, cut_in_s / 2))
 
 
 async def _sleep_unless_stopping(ctx: ChildContext, delay: float) -> None:

@@ -18,7 +18,7 @@ from ingestor.sim.server import SimConfig, Simulator
 from ingestor.sim.ws_server import BOGUS_ID
 from ingestor.workers.child import ChildContext
 from ingestor.workers.frames import FrameHandler
-from ingestor.workers.socket_worker import StreamConnection
+from ingestor.workers.socket_worker import StreamConnection, rotation_retry_delay
 
 from ..conftest import post_json
 from ..pipeline import Pipeline, sim_flags, table_counts, wait_until
@@ -181,3 +181,16 @@ async def test_a_connection_task_that_fails_is_restarted(sim: Simulator) -> None
         await asyncio.wait_for(task, 20)  # and it stops cleanly
     finally:
         task.cancel()
+
+
+def test_a_failed_rotation_is_retried_before_the_cut() -> None:
+    # Within minutes: 30 s, doubling up to 5 min.
+    assert [rotation_retry_delay(n, 86_400) for n in range(1, 7)] == [30, 60, 120, 240, 300, 300]
+    # With the default age (23.5 h), the attempts before the 24 h cut: eight at least, and
+    # the last ones ever closer to it.
+    left, attempts = 1800.0, 0
+    while left > 5:
+        attempts += 1
+        left -= rotation_retry_delay(attempts, left)
+    assert attempts >= 8
+    assert rotation_retry_delay(3, 100) == 50 and rotation_retry_delay(1, 2) == 5 and rotation_retry_delay(9, -60) == 5
