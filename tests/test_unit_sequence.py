@@ -265,3 +265,13 @@ def test_a_clock_minutes_behind_costs_the_first_event_then_the_stream_is_followe
     assert t.by_time("m", "BTCUSDT", NOW + 1000)  # carries on from the doubted one: believed
     assert t.by_time("m", "BTCUSDT", NOW + 2000)
     assert t.by_time("m", "BTCUSDT", NOW + 2000) is False  # still a duplicate check
+
+
+def test_a_first_event_minutes_ahead_of_the_clock_is_not_followed() -> None:
+    # Nothing to measure its id by: its time is checked, so it does not become the position.
+    t = at()
+    rejected(lambda: t.trade("BTCUSDT", 2**62, NOW + 10**9))
+    assert t.trade("BTCUSDT", 100, NOW) == (True, None)
+    rejected(lambda: t.depth("BTCUSDT", 2**62 - 1, 2**62, None, NOW + 10**9))
+    assert t.depth("BTCUSDT", 100, 160, None, NOW) == (True, None)
+    assert t.positions() == {"t": {"BTCUSDT": (100, NOW)}, "d": {"BTCUSDT": (160, NOW)}, "m": {}, "f": {}}

@@ -124,7 +124,10 @@ class SequenceTracker:
     def trade(self, symbol: str, a: int, e_ms: int) -> tuple[bool, Gap | None]:
         last = self._t
         prev = last.get(symbol)
-        if prev is None:
+        if prev is None:  # nothing to measure the id by; the time is checked (once a symbol)
+            if self._ahead(e_ms):
+                self._confirmed("t", symbol, prev, a, e_ms, TRADE_FLOOR, TRADE_PER_MS,
+                                f"{symbol} a={a} E={e_ms}: the first event, minutes ahead of the clock")
             last[symbol] = (a, e_ms)
             return True, None
         last_a = prev[0]
@@ -149,6 +152,9 @@ class SequenceTracker:
             # An event's ids run U..u, after pu: anything else is no Binance event.
             raise Implausible("implausible_id", f"{symbol} U={first} u={final} pu={prev_final}")
         if prev is None:
+            if self._ahead(e_ms):
+                self._confirmed("d", symbol, prev, final, e_ms, DEPTH_FLOOR, DEPTH_PER_MS,
+                                f"{symbol} u={final} E={e_ms}: the first event, minutes ahead of the clock")
             last[symbol] = (final, e_ms)
             return True, None
         if final - prev[0] > DEPTH_FLOOR and (final - prev[0] > DEPTH_PER_MS * (e_ms - prev[1])
