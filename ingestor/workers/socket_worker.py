@@ -266,8 +266,9 @@ class StreamConnection:
         try:
             if not await self._proven(new, ctx):
                 if not ctx.should_stop():
-                    self._rotation_failed(f"the new connection neither delivered nor answered a ping in "
-                                          f"{ROTATION_PROOF_TIMEOUT_S:.0f} s")
+                    self._rotation_failed(f"the new connection closed ({new.close_reason})" if new.closed.is_set()
+                                          else f"the new connection neither delivered nor answered a ping in "
+                                               f"{ROTATION_PROOF_TIMEOUT_S:.0f} s")
                 return
             # Everything the old one was sent before our close arrives and is handled; then the
             # new one's frames, held since it opened (they overlap the old one's last ones: the
