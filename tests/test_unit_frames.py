@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from array import array
 from pathlib import Path
 
@@ -188,7 +189,7 @@ def test_spot_depth_rows_and_gap() -> None:
     assert gap_row[:7] == [b"spot", b"BTCUSDT", b"depth", i8(166), i8(169), ts(1100), ts(1300)]
     # Diffs cannot be fetched afterwards: the gap is closed as unrecoverable when it is found.
     assert gap_row[8] == b"unrecoverable" and gap_row[9] is None and gap_row[10] == gap_row[7]
-    assert [(g.from_id, g.to_id) for g in h.gaps] == [(166, 169)]
+    assert h.gaps == {"depth": 1}
 
 
 def test_futures_depth_pu_gap_and_callback() -> None:
@@ -507,3 +508,53 @@ def test_a_successor_carries_on_from_the_positions_of_a_dead_worker() -> None:
     assert [(r[2], r[5], r[6]) for r in sink.rows("stream_gaps")] == [(b"aggTrade", ts(5102), ts(5106)),
                                                                       (b"markPrice", ts(6000), ts(9000))]
     assert [r[1] for r in sink.rows("mark_prices")] == [ts(9000)]
+
+
+# -- implausible ids and times: rejected, counted, one frame each ----------------------
+
+def test_a_bogus_trade_id_costs_one_frame_and_is_counted() -> None:
+    h, sink = handler("spot")
+    for i, a in enumerate((100, 101, 2**62, 102, 103)):
+        E = 1_700_000_000_000 + i  # noqa: N806
+        h.on_frame(enc.envelope("btcusdt@aggTrade", enc.agg_trade_spot(E, "BTCUSDT", a, "42000.01", "0.001", 7, 7,
+                                                                       E - 1, True)))
+    h.flush(force=True)
+    assert [r[3] for r in sink.rows("agg_trades")] == [i8(100), i8(101), i8(102), i8(103)]
+    assert h.rejected == {"implausible_id": 1}
+    assert h.stale == 0 and sink.rows("stream_gaps") == [] and h.gaps == {}
+
+
+def test_a_bogus_depth_id_costs_one_frame_and_is_counted() -> None:
+    h, sink = handler("futures")
+    h.on_payload(enc.depth_update_futures(1000, 999, "BTCUSDT", 100, 160, 90, [], []))
+    h.on_payload(enc.depth_update_futures(1100, 1099, "BTCUSDT", 161, 2**62, 160, [], []))
+    h.on_payload(enc.depth_update_futures(1200, 1199, "BTCUSDT", 161, 170, 160, [], []))
+    h.flush(force=True)
+    assert [r[4] for r in sink.rows("depth_updates")] == [i8(160), i8(170)]
+    assert h.rejected == {"implausible_id": 1} and sink.rows("stream_gaps") == []
+
+
+def test_a_mark_price_far_in_the_future_costs_itself_not_the_array_nor_the_stream() -> None:
+    h, sink = handler("futures")
+    now = int(time.time() * 1000)
+    h.on_payload(enc.mark_price_array([mark(now - 1000, "BTCUSDT"), mark(now - 1000, "ETHUSDT")]))
+    h.on_payload(enc.mark_price_array([mark(now + 10**9, "BTCUSDT"), mark(now, "ETHUSDT")]))
+    h.on_payload(enc.mark_price_array([mark(now, "BTCUSDT")]))
+    h.on_frame(enc.envelope("!forceOrder@arr", liquidation(now + 10**9)))
+    h.on_frame(enc.envelope("!forceOrder@arr", liquidation(now)))
+    h.flush(force=True)
+    assert [(r[1], r[2]) for r in sink.rows("mark_prices")] == [
+        (ts(now - 1000), b"BTCUSDT"), (ts(now - 1000), b"ETHUSDT"), (ts(now), b"ETHUSDT"), (ts(now), b"BTCUSDT")]
+    assert [r[1] for r in sink.rows("force_orders")] == [ts(now)]
+    assert h.rejected == {"implausible_time": 2}
+
+
+def test_gaps_are_counted_per_stream() -> None:
+    h, _ = handler("spot")
+    for a in (1, 3, 5, 6):
+        h.on_payload(spot_trade(a))
+    h.on_payload(enc.depth_update_spot(1000, "BTCUSDT", 1, 2, [], []))
+    h.on_payload(enc.depth_update_spot(1001, "BTCUSDT", 5, 6, [], []))
+    h.connection_lost({"markPrice"})
+    h.close_time_gaps()
+    assert h.gaps == {"aggTrade": 2, "depth": 1, "markPrice": 1}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ingestor.binance.sequence import Gap, SequenceTracker
+import pytest
+
+from ingestor.binance.sequence import Gap, Implausible, SequenceTracker
 
 # -- aggTrade -------------------------------------------------------------------------
 
@@ -145,3 +147,131 @@ def test_trackers_do_not_share_state() -> None:
     a.trade("BTCUSDT", 1, 1)
     assert b.trade("BTCUSDT", 5, 1) == (True, None)
     assert a.trade("BTCUSDT", 2, 2) == (True, None)
+
+
+# -- implausible jumps: one bogus id or time costs one event --------------------------
+
+NOW = 1_700_000_000_000
+
+
+def at(now: int = NOW) -> SequenceTracker:
+    return SequenceTracker(now_ms=lambda: now)
+
+
+def rejected(call: object, reason: str = "implausible_id") -> None:
+    with pytest.raises(Implausible) as err:
+        call()  # type: ignore[operator]
+    assert err.value.reason == reason
+
+
+def test_a_bogus_trade_id_is_rejected_and_does_not_pin_the_stream() -> None:
+    t = at()
+    t.trade("BTCUSDT", 100, NOW - 1000)
+    rejected(lambda: t.trade("BTCUSDT", 2**62, NOW - 999))
+    assert t.positions()["t"]["BTCUSDT"] == (100, NOW - 1000)  # a restarted worker is not handed the pin
+    assert t.trade("BTCUSDT", 101, NOW - 998) == (True, None)  # the real trades carry on, no gap
+    assert t.trade("BTCUSDT", 102, NOW - 997) == (True, None)
+
+
+def test_two_bogus_ids_in_a_row_that_do_not_follow_each_other_are_both_rejected() -> None:
+    t = at()
+    t.trade("BTCUSDT", 100, NOW)
+    rejected(lambda: t.trade("BTCUSDT", 2**62, NOW))
+    rejected(lambda: t.trade("BTCUSDT", 2**40, NOW))  # behind the first: no confirmation
+    rejected(lambda: t.trade("BTCUSDT", 2**62 + 10**9, NOW))  # too far past the one before
+    assert t.trade("BTCUSDT", 101, NOW) == (True, None)
+
+
+def test_a_jump_the_elapsed_time_can_hold_is_an_ordinary_gap() -> None:
+    t = at()
+    t.trade("BTCUSDT", 100, NOW - 200_000)
+    # 200 s at up to 10,000 trades a second: 1,000,000 missing ids is plausible (a long outage).
+    assert t.trade("BTCUSDT", 1_000_101, NOW) == (True, Gap("BTCUSDT", "aggTrade", 101, 1_000_100, NOW - 200_000,
+                                                             NOW))
+    # Under the floor of 100,000 ids, whatever the time.
+    assert t.trade("BTCUSDT", 1_090_000, NOW)[0]
+
+
+def test_a_real_jump_is_taken_when_the_next_trade_carries_on_from_it() -> None:
+    t = at()
+    t.trade("BTCUSDT", 100, NOW)
+    rejected(lambda: t.trade("BTCUSDT", 5_000_000, NOW + 5))
+    # The next one follows the rejected one: the jump was real. The gap holds the rejected id,
+    # so the backfill fetches it: nothing is lost.
+    assert t.trade("BTCUSDT", 5_000_001, NOW + 6) == (True, Gap("BTCUSDT", "aggTrade", 101, 5_000_000, NOW, NOW + 6))
+    assert t.trade("BTCUSDT", 5_000_002, NOW + 7) == (True, None)
+
+
+def test_a_doubted_trade_is_forgotten_once_the_stream_moves_on() -> None:
+    t = at()
+    t.trade("BTCUSDT", 100, NOW)
+    rejected(lambda: t.trade("BTCUSDT", 5_000_000, NOW))
+    assert t.trade("BTCUSDT", 101, NOW) == (True, None)
+    # Follows the old doubt, but a trade was kept since: measured from 101 again.
+    rejected(lambda: t.trade("BTCUSDT", 5_000_001, NOW))
+
+
+def test_a_trade_jump_with_an_event_time_far_ahead_of_the_clock_is_rejected() -> None:
+    t = at()
+    t.trade("BTCUSDT", 100, NOW)
+    # The ids fit the event time elapsed, but that time is eleven days in the future.
+    rejected(lambda: t.trade("BTCUSDT", 10**9, NOW + 10**9))
+    assert t.trade("BTCUSDT", 101, NOW + 1) == (True, None)
+
+
+def test_a_bogus_spot_depth_id_is_rejected() -> None:
+    t = at()
+    t.depth("BTCUSDT", 100, 160, None, NOW)
+    rejected(lambda: t.depth("BTCUSDT", 2**62 - 5, 2**62, None, NOW + 100))
+    rejected(lambda: t.depth("BTCUSDT", 170, 165, None, NOW + 100))  # U after u: no Binance event
+    assert t.positions()["d"]["BTCUSDT"] == (160, NOW)
+    assert t.depth("BTCUSDT", 161, 170, None, NOW + 200) == (True, None)
+
+
+def test_a_bogus_futures_depth_id_is_rejected() -> None:
+    t = at()
+    t.depth("BTCUSDT", 100, 160, 90, NOW)
+    rejected(lambda: t.depth("BTCUSDT", 161, 2**62, 160, NOW + 100))
+    rejected(lambda: t.depth("BTCUSDT", 161, 170, 2**62, NOW + 100))  # pu after the event's own u
+    assert t.depth("BTCUSDT", 161, 170, 160, NOW + 200) == (True, None)
+
+
+def test_a_real_depth_jump_is_taken_when_the_next_event_carries_on_from_it() -> None:
+    t = at()
+    t.depth("BTCUSDT", 100, 160, 90, NOW)
+    # USD-M ids run up to ~740 a millisecond; 50 million in 1 ms is not believed at once.
+    rejected(lambda: t.depth("BTCUSDT", 50_000_000, 50_000_100, 49_999_000, NOW + 1))
+    assert t.depth("BTCUSDT", 50_000_101, 50_000_200, 50_000_100, NOW + 2) == (
+        True, Gap("BTCUSDT", "depth", 161, 50_000_100, NOW, NOW + 2))
+    # Over an hour, the same jump is an ordinary gap.
+    t.depth("ETHUSDT", 100, 160, 90, NOW - 3_600_000)
+    assert t.depth("ETHUSDT", 50_000_000, 50_000_100, 49_999_000, NOW) == (
+        True, Gap("ETHUSDT", "depth", 161, 49_999_000, NOW - 3_600_000, NOW))
+
+
+def test_an_event_time_far_ahead_does_not_pin_a_stream_without_ids() -> None:
+    t = at()
+    assert t.by_time("m", "BTCUSDT", NOW - 1000)
+    rejected(lambda: t.by_time("m", "BTCUSDT", NOW + 10**9), "implausible_time")
+    assert t.by_time("m", "BTCUSDT", NOW)  # the next real mark price is kept
+    rejected(lambda: t.by_time("f", "ETHUSDT", 2**62), "implausible_time")  # a first event too
+    assert t.by_time("f", "ETHUSDT", NOW)
+    assert t.positions()["f"]["ETHUSDT"] == (NOW, NOW)
+
+
+def test_a_clock_minutes_behind_costs_the_first_event_then_the_stream_is_followed() -> None:
+    t = at(NOW - 10 * 60_000)  # this host's clock is 10 minutes slow
+    rejected(lambda: t.by_time("m", "BTCUSDT", NOW), "implausible_time")
+    assert t.by_time("m", "BTCUSDT", NOW + 1000)  # carries on from the doubted one: believed
+    assert t.by_time("m", "BTCUSDT", NOW + 2000)
+    assert t.by_time("m", "BTCUSDT", NOW + 2000) is False  # still a duplicate check
+
+
+def test_a_first_event_minutes_ahead_of_the_clock_is_not_followed() -> None:
+    # Nothing to measure its id by: its time is checked, so it does not become the position.
+    t = at()
+    rejected(lambda: t.trade("BTCUSDT", 2**62, NOW + 10**9))
+    assert t.trade("BTCUSDT", 100, NOW) == (True, None)
+    rejected(lambda: t.depth("BTCUSDT", 2**62 - 1, 2**62, None, NOW + 10**9))
+    assert t.depth("BTCUSDT", 100, 160, None, NOW) == (True, None)
+    assert t.positions() == {"t": {"BTCUSDT": (100, NOW)}, "d": {"BTCUSDT": (160, NOW)}, "m": {}, "f": {}}

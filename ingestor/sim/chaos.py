@@ -1,8 +1,8 @@
 """A seeded mix of everything that goes wrong, for ``ingestor demo --chaos`` and the soak
 benchmark: the simulator's faults (drops, stalls, skipped diffs and trades, bad frames,
-429/5xx/slow REST), process kills (each kind of worker), and a database outage when the
-caller can stop and start the database. Connection rotation comes from a short lifetime,
-set by the caller.
+frames with bogus ids, connections whose close cannot complete, 429/5xx/slow REST),
+process kills (each kind of worker), and a database outage when the caller can stop and
+start the database. Connection rotation comes from a short lifetime, set by the caller.
 
 Each injection is logged and kept in ``injected``; the same seed gives the same plan.
 """
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # (kind, how many of it in each round of the deck).
 MIX: tuple[tuple[str, int], ...] = (
     ("drop", 3), ("stall", 1), ("gap", 2), ("skip_trades", 2), ("malformed", 1), ("non_json", 1),
-    ("unknown_event", 1), ("rest_429", 1), ("rest_5xx", 1), ("rest_slow", 1),
+    ("unknown_event", 1), ("bogus_id", 1), ("hold_close", 1), ("rest_429", 1), ("rest_5xx", 1), ("rest_slow", 1),
     ("kill_socket", 1), ("kill_writer", 1), ("kill_features", 1), ("kill_rest", 1), ("db_outage", 1),
 )
 DB_OUTAGE_S = 8.0
@@ -90,6 +90,9 @@ class Chaos:
             "malformed": Fault("malformed", 0.0, market=market),
             "non_json": Fault("non_json", 0.0, market=market),
             "unknown_event": Fault("unknown_event", 0.0, market=market),
+            "bogus_id": Fault("bogus_id", 0.0, market=market),
+            # Held until the connection's next rotation, which must abort it (lifetime set by the caller).
+            "hold_close": Fault("hold_close", 0.0, market=market),
             "rest_429": Fault("rest_429", 0.0, market=market, count=rng.randint(1, 4), duration=2.0),
             "rest_5xx": Fault("rest_5xx", 0.0, market=market, count=rng.randint(1, 3)),
             "rest_slow": Fault("rest_slow", 0.0, market=market, count=rng.randint(1, 3), delay=3000),

@@ -29,6 +29,10 @@ FAULT_KINDS: dict[str, str] = {
     "malformed": "send a truncated JSON frame to matching connections",
     "non_json": "send a frame that is not JSON",
     "unknown_event": "send a well-formed event of an unknown type",
+    "hold_close": "matching connections stop reading the client and flood it with pings: data flows on, but the "
+                  "client's close cannot complete (its send buffer is full)",
+    "bogus_id": "send matching connections one event per kind of stream with an absurd id (2**62), or an event "
+                "time 11 days ahead for streams without ids",
     "rest_slow": "delay the next `count` REST replies by `delay` ms",
     "rest_5xx": "answer the next `count` REST requests with 503",
     "rest_429": "answer the next `count` REST requests with 429 and Retry-After (`duration` s, default 30)",

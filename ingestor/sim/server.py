@@ -262,6 +262,17 @@ class Simulator:
                     rt.hub.send_raw((c,), _bad_frame(kind, c, int(time.time() * 1000)))
                 rt.hub.flush()
                 hit += len(conns)
+            elif kind == "hold_close":
+                for c in conns:
+                    c.hold_close()
+                hit += len(conns)
+            elif kind == "bogus_id":
+                now_ms = int(time.time() * 1000)
+                for c in conns:
+                    for frame in c.bogus_frames(now_ms, fault.symbol):
+                        rt.hub.send_raw((c,), frame)
+                rt.hub.flush()
+                hit += len(conns)
             else:
                 rt.rest.pending.append(fault)
                 hit += fault.count

@@ -47,6 +47,7 @@ from ingestor.binance.streams import (
     parse_stream,
     split_ws_path,
 )
+from ingestor.sim import encode as enc
 from ingestor.sim.hub import Hub
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,12 @@ log = logging.getLogger(__name__)
 # A client that lets this much pile up unread is cut off, as a real venue does with
 # slow consumers, instead of the simulator growing without bound.
 MAX_PENDING_BYTES = 64 * 1024 * 1024
+BOGUS_ID = 2**62  # the ``bogus_id`` fault's id: a corrupt frame, far past any real one
+BOGUS_AHEAD_MS = 10**9  # and its event time for streams without ids: eleven days ahead
+# The ``hold_close`` fault's ping flood: the client answers each with a pong that this side
+# no longer reads, until the kernel's buffers both ways are full (loopback: a few MB) and
+# the rest waits in the client's own send buffer, where its close frame queues behind it.
+HOLD_CLOSE_BYTES = 16 * 1024 * 1024
 
 _METHODS = ("SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "SET_PROPERTY", "GET_PROPERTY")
 
@@ -81,6 +88,7 @@ class Connection(WSListener):
         self.incoming: deque[float] = deque()
         self.peer = ""
         self.closing = False  # a close frame was sent: ignore what the client still sends
+        self.unread = False  # the hold_close fault: nothing the client sends is read any more
 
     # picows callbacks ---------------------------------------------------------------
 
@@ -153,6 +161,50 @@ class Connection(WSListener):
                         under.get_write_buffer_size())
             self.server.slow_closed_total += 1
             t.disconnect(graceful=False)
+
+    def hold_close(self) -> None:
+        """The ``hold_close`` fault: stop reading the client and flood it with pings, so that its
+        send buffer fills with pongs nobody reads. Data keeps flowing to it, but a close it
+        starts cannot complete: a graceful close waits for the buffer to drain, and the
+        closing handshake's frame never reaches this side."""
+        t = self.transport
+        if t is None or t.is_disconnected:
+            return
+        self.unread = True
+        t.underlying_transport.pause_reading()
+        ping = b"\0" * 125  # the largest control frame payload
+        for _ in range(HOLD_CLOSE_BYTES // (len(ping) + 2)):
+            t.send_ping(ping)
+
+    def bogus_frames(self, now_ms: int, symbol: str | None = None) -> list[bytes]:
+        """The ``bogus_id`` fault: one event per kind of stream this connection receives (of
+        ``symbol``'s streams, if given), with an absurd id (``BOGUS_ID`` as the trade's ``a``,
+        the diff's ``u``), or for streams without ids an event time ``BOGUS_AHEAD_MS`` ahead.
+        The model's own sequence is untouched: the next real events follow as usual."""
+        hub = self.server.hub
+        futures = self.server.market == "futures"
+        # A symbol the client keeps (it filters the all-market arrays by its universe).
+        known = next((spec.symbol for spec in self.subs.values() if spec.symbol), "BTCUSDT")
+        out: dict[str, bytes] = {}
+        for name, spec in self.subs.items():
+            if spec.kind in out or self not in hub.subs.get(name, ()) or symbol not in (None, spec.symbol):
+                continue
+            s = spec.symbol or known
+            if spec.kind == "aggTrade":
+                trade = enc.agg_trade_futures if futures else enc.agg_trade_spot
+                payload = trade(now_ms, s, BOGUS_ID, "1.00", "1", BOGUS_ID, BOGUS_ID, now_ms - 1, True)
+            elif spec.kind == "depth":
+                payload = (enc.depth_update_futures(now_ms, now_ms - 1, s, BOGUS_ID - 5, BOGUS_ID, BOGUS_ID - 6, [], [])
+                           if futures else enc.depth_update_spot(now_ms, s, BOGUS_ID - 5, BOGUS_ID, [], []))
+            elif spec.kind == "markPrice":
+                item = enc.mark_price(now_ms + BOGUS_AHEAD_MS, s, "1.00", "1.00", "1.00", "0.0001", now_ms)
+                payload = enc.mark_price_array([item]) if spec.symbol is None else item.encode()
+            elif spec.kind == "forceOrder":
+                payload = enc.force_order(now_ms + BOGUS_AHEAD_MS, s, "SELL", "1", "1.00", "1.00", now_ms)
+            else:
+                continue
+            out[spec.kind] = enc.envelope(name, payload) if self.combined else payload
+        return list(out.values())
 
     def _subscribe(self, specs: list[StreamSpec]) -> None:
         for spec in specs:
@@ -299,6 +351,8 @@ class WsServer:
             if now - conn.opened >= lim.max_lifetime_s:
                 self.lifetime_closed_total += 1
                 conn.close(WSCloseCode.GOING_AWAY, b"connection lifetime reached")
+                continue
+            if conn.unread:  # its pongs are not read: no pings, no pong deadline
                 continue
             if conn.unanswered_since is not None and now - conn.unanswered_since > lim.pong_timeout_s:
                 self.pong_timeout_total += 1

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from ingestor.binance.sequence import Gap, Positions, SequenceTracker
+from ingestor.binance.sequence import Gap, Implausible, Positions, SequenceTracker
 from ingestor.binance.streams import Market
 from ingestor.wire import rows
 from ingestor.wire.batching import Batch, Batcher
@@ -126,7 +126,9 @@ class FrameHandler:
         self.messages: dict[str, int] = {}  # event type -> count
         self.rejected: dict[str, int] = {}  # reason -> count
         self.stale = 0  # events at or behind the last seen id: not stored twice
-        self.gaps: list[Gap] = []
+        # Gaps found, per stream (aggTrade, depth, markPrice, forceOrder): counters, not the
+        # gaps themselves, which would grow for the life of the process.
+        self.gaps: dict[str, int] = {}
         # Streams without ids (mark prices, liquidations): the latest event time seen, and
         # the time gaps a lost connection opened, written once the stream flows again.
         self.last_e: dict[str, int] = {}
@@ -171,6 +173,8 @@ class FrameHandler:
                 self._mark_price(msg, payload)
             else:
                 self.reject("unknown_event", frame)
+        except Implausible as exc:  # a bogus id or time: this event costs itself, nothing more
+            self.reject(exc.reason, frame)
         except (KeyError, TypeError, ValueError, EncodeError, OverflowError):
             self.reject("fields", frame)
 
@@ -184,6 +188,8 @@ class FrameHandler:
                 continue
             try:  # one bad element costs itself, not the rest of the array
                 self._mark_price(item, orjson.dumps(item))
+            except Implausible as exc:
+                self.reject(exc.reason, orjson.dumps(item))
             except (KeyError, TypeError, ValueError, EncodeError, OverflowError):
                 self.reject("fields", orjson.dumps(item))
 
@@ -293,7 +299,7 @@ class FrameHandler:
 
     def _time_gap(self, kind: str, from_ms: int | None, to_ms: int, detected_ms: int) -> None:
         now_ms = int(time.time() * 1000)
-        self.gaps.append(Gap("*", kind, -1, -1, from_ms or detected_ms, to_ms))
+        self.gaps[kind] = self.gaps.get(kind, 0) + 1
         self._add("stream_gaps", rows.stream_gap(self.market, "*", kind, None, None, from_ms, to_ms, detected_ms,
                                                  "unrecoverable", now_ms), now_ms)
         log.warning("%s %s: no events for %.1f s while the connection was down: recorded as a gap",
@@ -302,7 +308,7 @@ class FrameHandler:
                         "from_ms": from_ms or detected_ms, "to_ms": to_ms, "closed_how": "unrecoverable"})
 
     def _gap(self, gap: Gap) -> None:
-        self.gaps.append(gap)
+        self.gaps[gap.stream] = self.gaps.get(gap.stream, 0) + 1
         now_ms = int(time.time() * 1000)
         how, closed = ("unrecoverable", now_ms) if closed_at_once(gap.stream) else ("open", None)
         self._add("stream_gaps", rows.stream_gap(

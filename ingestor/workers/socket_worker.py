@@ -14,8 +14,14 @@ Zero loss around the connection:
   (mark prices, liquidations) get a time gap;
 - before the exchange's 24 h limit (``connection_max_age_s``), a connection is rotated
   make-before-break: the new one is opened and its frames held while the old one still
-  delivers; once the new one flows, the old one is closed and the held frames follow. A
-  message delivered by both is dropped the second time by the sequence checks.
+  delivers; once the new one has shown it works (a data frame, or for a quiet connection
+  a pong), the old one is closed with the closing handshake (all the server sent on it
+  before our close arrives) and the held frames follow. A message delivered by both is
+  dropped the second time by the sequence checks. An old connection that does not close
+  in time is aborted; a rotation that fails is tried again within minutes;
+- each connection's task is owned by the worker: a failure of our own in it is logged
+  and the connection starts over after a backoff (the sequence checks find what it missed);
+  a task that ends otherwise ends the worker loudly.
 """
 
 from __future__ import annotations
@@ -27,11 +33,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from ingestor.binance.plan import Connection
 from ingestor.binance.sequence import KIND_OF_TABLE, Gap, Positions
-from ingestor.binance.streams import Market
+from ingestor.binance.streams import DEFAULT_LIMITS, Market
 from ingestor.config import Settings
 from ingestor.wire.batching import Batch, Batcher
 from ingestor.wire.child import ChildContext, run_child
@@ -53,7 +59,21 @@ POSITIONS_PERIOD_S = 2.0  # how often the sequence positions go to the superviso
 # only when idle, and well under it.
 PING_IDLE_S = 3.0
 PING_REPLY_S = 3.0
-ROTATION_FLOW_TIMEOUT_S = 15.0  # the new connection must deliver within this, or the rotation is retried
+# A rotation's new connection must deliver a frame or answer a ping within this, or the
+# rotation is retried (see rotation_retry_delay).
+ROTATION_PROOF_TIMEOUT_S = 15.0
+ROTATION_RETRY_S = 30.0
+ROTATION_RETRY_MAX_S = 300.0
+ROTATION_RETRY_MIN_S = 5.0
+# The exchange closes a connection at 24 h ("A single connection ... is only valid for 24
+# hours", both markets' WebSocket docs; DEFAULT_LIMITS): a rotation is due this much before
+# it at the latest, whatever --connection-max-age-s says.
+ROTATION_MARGIN_S = 300.0
+# A connection we close (rotated out, or at stop) has this long for the closing handshake;
+# then it is aborted: a peer that stopped reading would otherwise hold it open for good.
+CLOSE_TIMEOUT_S = 5.0
+# A connection task that failed on an error of ours starts over after this, doubling up to 30 s.
+TASK_RESTART_S = 1.0
 # Streams without ids, by the kind FrameHandler names their time gaps with.
 _TIME_STREAMS = {"!markPrice@arr": "markPrice", "!forceOrder@arr": "forceOrder"}
 
@@ -89,6 +109,8 @@ class _Listener(WSListener):
                 self.conn.on_text(self, payload)
         elif frame.msg_type in (WSMsgType.TEXT, WSMsgType.CONTINUATION, WSMsgType.BINARY):
             self.conn.handler.reject("frame_type", b"")  # Binance sends whole text frames only
+        elif frame.msg_type == WSMsgType.CLOSE:  # the server's close (or its answer to ours): nothing follows
+            transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.close_reason = self.closing_reason or _close_reason(transport)
@@ -132,6 +154,11 @@ class StreamConnection:
         self.reconnects = 0
         self.connect_failures = 0
         self.rotations = 0
+        self.rotation_failures = 0  # in a row, since the connection in service was opened
+        self.rotate_at = 0.0  # monotonic time the connection in service is due for rotation
+        self.cut_at = 0.0  # and when the exchange will close it (its 24 h lifetime)
+        self.forced_closes = 0
+        self.task_failures = 0
         self.last_message = 0.0
         self.time_kinds = {kind for prefix, kind in _TIME_STREAMS.items()
                            if any(st.startswith(prefix) for st in conn.streams)}
@@ -186,6 +213,31 @@ class StreamConnection:
         ), 15.0)
         return listener
 
+    async def run_owned(self, ctx: ChildContext) -> None:
+        """``run`` until the worker stops, whatever goes wrong in it. The connection's own faults
+        are handled inside; an error of ours that escapes is logged with its traceback, the
+        connection is aborted and all starts over after a backoff (the gap is found and recorded
+        as for any reconnect). Test: tests/chaos/test_connection_faults.py
+        (test_a_connection_task_that_fails_is_restarted)."""
+        failures = 0
+        while not ctx.should_stop():
+            try:
+                await self.run(ctx)
+                return
+            except Exception as exc:  # noqa: BLE001 - logged with its traceback, and owned: started over
+                failures += 1
+                self.task_failures += 1
+                delay = min(30.0, TASK_RESTART_S * 2 ** (failures - 1))
+                log.exception("%s %s: the connection task failed (%s); starting it over in %.0f s", self.spec.market,
+                              self.spec.route, exc, delay, extra=self._context(
+                                  "connection_task_failed", reason=repr(exc), failures=failures, delay_s=delay))
+                listener, self.listener = self.listener, None
+                if listener is not None and listener.transport is not None:
+                    listener.transport.disconnect(graceful=False)
+                if self.time_kinds:
+                    self.handler.connection_lost(self.time_kinds)
+                await _sleep_unless_stopping(ctx, delay)
+
     async def run(self, ctx: ChildContext) -> None:
         attempt = 0
         while not ctx.should_stop():
@@ -207,10 +259,12 @@ class StreamConnection:
                          self.spec.route, len(self.spec.streams), attempt,
                          extra=self._context("connected", attempt=attempt))
             attempt = 0
+            self._in_service()
             while True:  # this connection, and the ones that replace it by rotation
                 outcome = await self._serve(ctx)
-                if outcome != "rotate" or not await self._rotate(ctx):
+                if outcome != "rotate":
                     break
+                await self._rotate(ctx)
             if outcome == "stop":
                 return
             self.reconnects += 1
@@ -228,63 +282,131 @@ class StreamConnection:
         rotation ("rotate")."""
         listener = self.listener
         assert listener is not None
-        opened = time.monotonic()
-        max_age = self.settings.connection_max_age_s
         stop = asyncio.ensure_future(ctx.stopping.wait())
         lost = asyncio.ensure_future(listener.closed.wait())
         try:
-            timeout = max(0.0, opened + max_age - time.monotonic()) if max_age > 0 else None
+            rotating = self.settings.connection_max_age_s > 0
+            timeout = max(0.0, self.rotate_at - time.monotonic()) if rotating else None
             await asyncio.wait((stop, lost), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
             lost.cancel()
         if ctx.should_stop():
-            if listener.transport is not None:
-                listener.transport.disconnect()
-                await asyncio.wait_for(listener.closed.wait(), 5.0)
+            await self._close(listener, "stopping")
             return "stop"
         return "lost" if listener.closed.is_set() else "rotate"
 
-    async def _rotate(self, ctx: ChildContext) -> bool:
-        """Make-before-break. True: a connection serves (the new one); False: none does (the
-        caller reconnects)."""
+    async def _rotate(self, ctx: ChildContext) -> None:
+        """Make-before-break. Either the new connection serves after this, or the old one still
+        does (or has been lost meanwhile: ``_serve`` then sees it) and the rotation is due again
+        after a backoff. Tests: tests/chaos/test_connections.py (rotation), and
+        tests/chaos/test_connection_faults.py (an old connection that will not close, a quiet one)."""
         old = self.listener
         assert old is not None
         held: list[bytes] = []
         try:
             new = await self._open(held)
         except Exception as exc:  # noqa: BLE001 - the old connection still serves: try again later
-            log.warning("%s %s: rotation failed to connect (%s)", self.spec.market, self.spec.route, exc,
-                        extra=self._context("rotation_failed", reason=str(exc) or type(exc).__name__))
-            return not old.closed.is_set()
+            self._rotation_failed(f"connect: {str(exc) or type(exc).__name__}")
+            return
+        switched = False
         try:
-            await asyncio.wait_for(new.flowing.wait(), ROTATION_FLOW_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("%s %s: the rotated connection delivered nothing in %.0f s; keeping the old one",
-                        self.spec.market, self.spec.route, ROTATION_FLOW_TIMEOUT_S,
-                        extra=self._context("rotation_failed", reason="no data"))
-            if new.transport is not None:
-                new.transport.disconnect()
-            return not old.closed.is_set()
-        # Everything the old one delivered is in; then the new one's frames, held since it
-        # opened (they overlap the old one's last ones: the sequence checks drop those).
-        if old.transport is not None:
-            old.transport.disconnect()
-        await asyncio.wait_for(old.closed.wait(), 5.0)
-        self.listener = new
-        for payload in held:
-            self.on_text(new, payload)
-        new.held = None
+            if not await self._proven(new, ctx):
+                if not ctx.should_stop():
+                    self._rotation_failed(f"the new connection closed ({new.close_reason})" if new.closed.is_set()
+                                          else f"the new connection neither delivered nor answered a ping in "
+                                               f"{ROTATION_PROOF_TIMEOUT_S:.0f} s")
+                return
+            # Everything the old one was sent before our close arrives and is handled; then the
+            # new one's frames, held since it opened (they overlap the old one's last ones: the
+            # sequence checks drop those).
+            await self._close(old, "rotated")
+            self.listener = new
+            for payload in held:
+                self.on_text(new, payload)
+            new.held = None
+            switched = True
+        finally:
+            if not switched and new.transport is not None:  # it must not hold frames for good
+                new.transport.disconnect(graceful=False)
         self.rotations += 1
+        self._in_service()
         log.info("%s %s: connection rotated (make-before-break, %d frames held)", self.spec.market,
                  self.spec.route, len(held), extra=self._context("rotation", held_frames=len(held),
                                                                  rotations=self.rotations))
-        return True
+
+    def _in_service(self) -> None:
+        """A new connection serves: its rotation is due at the configured age, and before the
+        exchange's cut at the latest."""
+        now = time.monotonic()
+        lifetime = DEFAULT_LIMITS[self.spec.market].max_lifetime_s
+        self.rotation_failures = 0
+        self.cut_at = now + lifetime
+        self.rotate_at = now + min(self.settings.connection_max_age_s, lifetime - ROTATION_MARGIN_S)
+
+    def _rotation_failed(self, reason: str) -> None:
+        self.rotation_failures += 1
+        delay = rotation_retry_delay(self.rotation_failures, self.cut_at - time.monotonic())
+        self.rotate_at = time.monotonic() + delay
+        log.warning("%s %s: rotation failed (%s); keeping the old connection, trying again in %.0f s",
+                    self.spec.market, self.spec.route, reason, delay,
+                    extra=self._context("rotation_failed", reason=reason, attempt=self.rotation_failures,
+                                        delay_s=delay))
+
+    async def _proven(self, new: _Listener, ctx: ChildContext) -> bool:
+        """Whether a rotation's new connection works: it delivered a frame, or answered a ping
+        (a quiet connection, e.g. liquidations only, may have nothing to send for minutes)."""
+        if new.transport is None:
+            return False
+        flowing = asyncio.ensure_future(new.flowing.wait())
+        pong = asyncio.ensure_future(new.transport.measure_roundtrip_time(1))
+        others = (asyncio.ensure_future(ctx.stopping.wait()), asyncio.ensure_future(new.closed.wait()))
+        try:
+            await asyncio.wait((flowing, pong, *others), timeout=ROTATION_PROOF_TIMEOUT_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+            answered = pong.done() and not pong.cancelled() and pong.exception() is None
+            return new.connected and (flowing.done() or answered)
+        finally:
+            for waiter in (flowing, pong, *others):
+                waiter.cancel()
+
+    async def _close(self, listener: _Listener, why: str) -> None:
+        """Close a connection with the closing handshake, so that what the server sent before
+        our close still arrives; one that has not closed within CLOSE_TIMEOUT_S is aborted (a
+        peer that stopped reading: not even our close frame can leave, and a graceful close
+        would wait for the send buffer for good). Test: tests/chaos/test_connection_faults.py
+        (test_a_rotation_whose_old_connection_will_not_close_loses_nothing)."""
+        transport = listener.transport
+        if transport is None or listener.closed.is_set():
+            return
+        listener.closing_reason = why
+        transport.send_close(WSCloseCode.OK, why.encode())
+        try:
+            await asyncio.wait_for(listener.closed.wait(), CLOSE_TIMEOUT_S)
+            return
+        except TimeoutError:
+            pass
+        self.forced_closes += 1
+        log.warning("%s %s: the %s connection did not close within %.0f s; aborted", self.spec.market,
+                    self.spec.route, why, CLOSE_TIMEOUT_S, extra=self._context("close_forced", reason=why))
+        if listener.transport is not None:
+            listener.transport.disconnect(graceful=False)
+        # An abort closes at once: still open after this is a fault of ours, for run_owned.
+        await asyncio.wait_for(listener.closed.wait(), CLOSE_TIMEOUT_S)
 
     def _context(self, event: str, **fields: Any) -> dict[str, Any]:
         """A log line's fields: the event and which connection."""
         return {"event": event, "market": self.spec.market, "route": self.spec.route,
                 "streams": len(self.spec.streams), **fields}
+
+
+def rotation_retry_delay(failures: int, cut_in_s: float) -> float:
+    """Seconds until a failed rotation is tried again: 30 s, doubling up to 5 min, and at
+    most half the time left before the exchange's cut (never under 5 s), so that attempts
+    go on until the cut. With the default age (23.5 h) that is eight attempts or more.
+    Test: tests/chaos/test_connection_faults.py (test_a_failed_rotation_is_retried_before_the_cut)."""
+    backoff = min(ROTATION_RETRY_MAX_S, ROTATION_RETRY_S * 2 ** min(failures - 1, 16))
+    return max(ROTATION_RETRY_MIN_S, min(backoff, cut_in_s / 2))
 
 
 async def _sleep_unless_stopping(ctx: ChildContext, delay: float) -> None:
@@ -400,10 +522,12 @@ class SocketWorker:
             self.backfills_asked += 1
 
     async def run(self) -> None:
-        tasks = [asyncio.ensure_future(c.run(self.ctx)) for c in self.conns]
+        tasks = [asyncio.ensure_future(c.run_owned(self.ctx)) for c in self.conns]
         last_status = last_positions = 0.0
         while not self.ctx.should_stop():
             await asyncio.sleep(FLUSH_PERIOD_S)
+            if any(t.done() for t in tasks):  # they end only at stop: anything else is a fault of ours
+                break
             self.batcher.flush()
             self.delivery.poll()
             self._apply_backpressure()
@@ -415,7 +539,9 @@ class SocketWorker:
                 self.report(positions=now - last_positions >= POSITIONS_PERIOD_S)
                 if now - last_positions >= POSITIONS_PERIOD_S:
                     last_positions = now
-        await asyncio.gather(*tasks, return_exceptions=True)
+        ended = [t for t in tasks if t.done()] if not self.ctx.should_stop() else []
+        self.ctx.stopping.set()  # the other connections close too
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         for h in self.handlers.values():
             h.close_time_gaps()
         self.batcher.flush(force=True)
@@ -423,6 +549,13 @@ class SocketWorker:
             feed.flush()
         await self.delivery.wait_acked(ACK_WAIT_S)
         self.report()
+        # What is held is handed over above; then a task's failure ends the worker loudly (a
+        # non-zero exit: the supervisor starts another, which carries on from the positions).
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if ended:
+            raise RuntimeError(f"{len(ended)} connection task(s) ended while the worker was running")
 
     def report(self, positions: bool = False) -> None:
         """Metrics as deltas since the last report, and a status line for /health."""
@@ -438,8 +571,7 @@ class SocketWorker:
                 self.totals.set(M.REJECTED.labels(w, m, reason), n)
             self.totals.set(M.BYTES.labels(w, m), h.bytes_in)
             self.totals.set(M.STALE.labels(w, m), h.stale)
-            for stream in {g.stream for g in h.gaps}:
-                n = sum(1 for g in h.gaps if g.stream == stream)
+            for stream, n in h.gaps.items():
                 self.totals.set(M.GAPS.labels(w, m, stream), n)
                 if closed_at_once(stream):  # recorded closed when found: detected is closed
                     self.totals.set(M.GAPS_CLOSED.labels(w, m, stream, "unrecoverable"), n)
@@ -469,9 +601,11 @@ class SocketWorker:
             "last_message_age_s": None if not last else round(now - last, 3),
             "reconnects": sum(c.reconnects for c in self.conns),
             "rejected": sum(sum(h.rejected.values()) for h in self.handlers.values()),
-            "gaps": sum(len(h.gaps) for h in self.handlers.values()),
+            "gaps": sum(sum(h.gaps.values()) for h in self.handlers.values()),
             "pending_rows": self.batcher.pending_rows(), "unacked_batches": len(self.delivery.pending),
             "rotations": sum(c.rotations for c in self.conns), "backfills_asked": self.backfills_asked,
+            "forced_closes": sum(c.forced_closes for c in self.conns),
+            "task_failures": sum(c.task_failures for c in self.conns),
             "feature_dropped": sum(f.dropped for f in self.feeds.values()),
             **self.delivery.status(),
             **({"positions": self.safe_positions()} if positions else {}),

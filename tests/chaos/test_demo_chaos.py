@@ -15,7 +15,8 @@ async def test_demo_chaos_injects_every_fault_and_loses_nothing_it_promises(tmp_
                                   "--json", env={"XDG_DATA_HOME": str(tmp_path)}, timeout=240)
     assert rc == 0, err[-3000:]
     c = orjson.loads(out.strip().splitlines()[-1])["chaos"]
-    kinds = {"drop", "stall", "gap", "skip_trades", "malformed", "non_json", "unknown_event", "rest_429",
+    kinds = {"drop", "stall", "gap", "skip_trades", "malformed", "non_json", "unknown_event", "bogus_id",
+             "hold_close", "rest_429",
              "rest_5xx", "rest_slow", "kill_socket", "kill_writer", "kill_features", "kill_rest", "db_outage"}
     assert set(c["faults"]) == kinds, c["faults"]
     assert c["rotations"] >= 2
