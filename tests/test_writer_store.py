@@ -1,21 +1,18 @@
 """The writer's storing rules against both real databases: a message stored twice is
 impossible (the unique keys of sql/005, duplicates skipped and counted), refused rows are
 isolated, gap rows close, backfilled trades skip what the WebSocket already stored.
-And the disk spool: order, bounds, crash leftovers."""
+(The disk spool: tests/test_writer_spool.py.)"""
 
 from __future__ import annotations
 
-import pickle
 from array import array
-from pathlib import Path
 
 import asyncpg
 import orjson
 
 from ingestor.binance import rows
-from ingestor.workers.batching import Backfill, Batch
+from ingestor.workers.batching import Backfill
 from ingestor.writer import copier
-from ingestor.writer.spool import Spool
 
 T0 = 1_795_132_800_000
 
@@ -109,53 +106,3 @@ async def test_backfill_stores_only_trades_not_yet_stored_and_closes_the_gap(db_
     assert ids == list(range(1, 21))  # each id once
     gap = (await fetch(db_dsn, "SELECT closed_how, closed_rows, closed_at FROM stream_gaps"))[0]
     assert (gap["closed_how"], gap["closed_rows"]) == ("backfilled", 5) and gap["closed_at"] is not None
-
-
-# ---- the spool ---------------------------------------------------------------------------
-
-
-def batch(i: int, size: int = 10) -> Batch:
-    return Batch("agg_trades", 1, bytes([i % 256]) * size, b"", producer="p", incarnation=1, seq=i)
-
-
-def test_spool_is_first_in_first_out_across_segments_and_restarts(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, max_bytes=10_000, segment_bytes=300)
-    for i in range(1, 21):
-        assert spool.append(batch(i))
-    assert spool and spool.bytes > 0
-    spool.close()
-    again = Spool(tmp_path, max_bytes=10_000, segment_bytes=300)  # a new process finds it
-    seen = []
-    while (oldest := again.oldest()) is not None:
-        path, batches = oldest
-        seen += [b.seq for b in batches]
-        again.remove(path)
-    assert seen == list(range(1, 21))
-    assert not again and again.bytes == 0 and not list(tmp_path.glob("*.spool"))
-
-
-def test_spool_refuses_past_its_bound(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, max_bytes=2_000)
-    n = 0
-    while spool.append(batch(n, size=300)):
-        n += 1
-    assert 3 <= n <= 6 and spool.full and spool.refused == 1
-    assert spool.bytes <= 2_000
-
-
-def test_spool_survives_a_record_cut_short_and_sets_aside_what_it_cannot_read(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, max_bytes=10_000)
-    for i in range(1, 4):
-        spool.append(batch(i))
-    spool.close()
-    seg = next(tmp_path.glob("*.spool"))
-    seg.write_bytes(seg.read_bytes()[:-5])  # the process died mid-write
-    bad = tmp_path / "000000000099.spool"
-    bad.write_bytes(len(b"junk").to_bytes(4, "little") + b"junk")
-    again = Spool(tmp_path, max_bytes=10_000)
-    path, batches = again.oldest()  # type: ignore[misc]
-    assert [b.seq for b in batches] == [1, 2]
-    again.remove(path)
-    assert again.oldest() is None  # the unreadable one set aside
-    assert (tmp_path / "000000000099.bad").exists()
-    assert pickle.loads(pickle.dumps(batch(1))).seq == 1
