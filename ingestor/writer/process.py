@@ -25,6 +25,16 @@ all; the spool keeps the order, and its replay keeps the same rule.
 
 Shutdown: the supervisor puts ``DRAIN`` on the queue after every producer has exited;
 everything before it is committed or, if the database is away, spooled; then it exits.
+
+Errors (``errors``, ``copier.store_group``): a group is committed (``Stored``: refused
+rows isolated in ``rejected_rows``), or lost with its connection (``Lost``: spooled, or
+stored again). Anything else stops the writer loudly (``WriterFailed``: logged once with
+its context, exit code 1): nothing is acknowledged or removed from the spool without the
+commit that holds it, and the supervisor's next writer gets every unacknowledged batch
+again from its producer. The reader thread's errors end the writer the same way.
+
+States (``state``): direct, spooling, replaying, draining, failed; every change goes
+through ``state.step``.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import hashlib
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -47,7 +58,9 @@ from ingestor.config import Settings
 from ingestor.workers.batching import Batch
 from ingestor.workers.child import ChildContext, run_child
 from ingestor.writer import copier
+from ingestor.writer.errors import CONNECTION_TYPES, Kind, classify
 from ingestor.writer.spool import Spool
+from ingestor.writer.state import Event, State, spooling, step
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +69,18 @@ MAX_COPY_BYTES = 8 * 1024 * 1024  # batches of one table joined into one COPY up
 MEMORY_BATCHES = 64  # batches taken from the queue and waiting for a connection
 SPOOL_AFTER_S = 5.0  # that backlog full this long with every connection busy: the database is behind
 PROBE_PERIOD_S = 1.0
-SYNC_PERIOD_S = 1.0
 DRAIN_REPLAY_S = 60.0  # at shutdown, spooled batches replayed for at most this long (the rest waits on disk)
 STREAM_TABLES = frozenset({"agg_trades", "depth_updates", "mark_prices", "force_orders"})
 LAG_SAMPLES = 16  # lag quantiles observed per batch: a per-row histogram without per-row calls
-CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                     asyncpg.exceptions.OperatorInterventionError, asyncio.TimeoutError)
+CONNECTION_ERRORS = (*CONNECTION_TYPES, asyncpg.exceptions.OperatorInterventionError)
 
 
-class _Failed(Exception):
-    """A group's connection broke: the database is away."""
+class WriterFailed(Exception):
+    """The writer stopped on an error it does not understand (already logged): exit 1."""
+
+
+class _Stop(Exception):
+    """Raised inside the dispatcher once the writer has failed: nothing more is done."""
 
 
 class Writer:
@@ -85,17 +100,22 @@ class Writer:
         self.duplicates: dict[str, int] = {}
         self.gaps_closed: dict[tuple[str, str], int] = {}  # (market, how) -> trade gaps closed by a backfill
         self.last_commit = 0.0
+        # Since when the writer has had work and committed nothing: /health's stall rule.
+        self.progress_at = time.monotonic()
         # Event-to-commit lags of the market data committed since the last status report
         # (LAG_SAMPLES per batch): `ingestor status` shows their median and maximum.
         self.recent_lags: list[float] = []
         self.db_ok = False
         self.db_error = ""
-        self.mode = "direct"  # direct | spool
+        self.state = State.DIRECT
+        self.fatal: BaseException | None = None
         # Where this spell of spooling started (time, counters): its log lines say what it did.
         self.spell = (time.monotonic(), 0, 0)
         self.full_logged = False  # "spool full" once per spell, not once a probe
         self.spooled_batches = 0
         self.replayed_batches = 0
+        # Spooled since the last fsync: acknowledged only once the spool is synced.
+        self.unsynced: list[Batch] = []
         self.conns: list[asyncpg.Connection | None] = [None] * s.writer_connections
         self.free: asyncio.Queue[int] = asyncio.Queue()
         for i in range(s.writer_connections):
@@ -105,10 +125,12 @@ class Writer:
         self.order = 0
         self.behind = False  # the database fell behind: spool until it catches up
         self.full_since = 0.0
+        self._dispatcher: asyncio.Task[None] | None = None
 
     # -- the process ----------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Until drained; WriterFailed (logged once) on an error that is not understood."""
         from ingestor import metrics as M
 
         self.M = M
@@ -120,48 +142,87 @@ class Writer:
         if self.spool:
             log.info("a spool of %.1f MB from before: replaying it first", self.spool.bytes / 2**20,
                      extra=self._spool_context("spool_start", reason="left by an earlier writer"))
-            self._start_spell()
-        await self._connect_all()
+            self._start_spell(Event.SPOOL_LEFT)
+        self._dispatcher = asyncio.ensure_future(self._run_dispatch())
         try:
-            await self._dispatch()
+            await self._dispatcher
+        except asyncio.CancelledError:
+            if self.fatal is None:
+                raise
         finally:
             status.cancel()
-            await self._wait_inflight()
+            # Groups in flight finish (a commit is acknowledged even now: it is stored).
+            while self.inflight:
+                await asyncio.gather(*list(self.inflight), return_exceptions=True)
+            if self.fatal is None:
+                self._sync_spool()
             self.spool.close()
             for conn in self.conns:
                 if conn is not None:
                     conn.terminate()
             self.report()
+        if self.fatal is not None:
+            raise WriterFailed(str(self.fatal)) from self.fatal
         log.info("drained: %s%s", ", ".join(f"{t}={n}" for t, n in sorted(self.rows.items())) or "no rows",
                  f"; {self.spool.bytes / 2**20:.1f} MB left in the spool" if self.spool else "")
 
+    async def _run_dispatch(self) -> None:
+        try:
+            await self._connect_all()
+            await self._dispatch()
+        except _Stop:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: the writer fails loudly, not silently
+            self._fail(exc, where="dispatcher")
+
+    def _fail(self, exc: BaseException, **context: Any) -> None:
+        """Stop the writer on ``exc``: logged once, nothing more acknowledged, exit 1."""
+        if self.fatal is not None:
+            return
+        self.fatal = exc
+        self.state = step(self.state, Event.FATAL)
+        log.error("writer stopping on an error it does not handle: %s", exc, exc_info=exc,
+                  extra={"event": "writer_failed", "error": f"{type(exc).__name__}: {exc}", **context})
+        if self._dispatcher is not None and self._dispatcher is not asyncio.current_task():
+            self._dispatcher.cancel()
+
+    def _check(self) -> None:
+        if self.fatal is not None:
+            raise _Stop
+
     def _read(self, loop: asyncio.AbstractEventLoop) -> None:
         """Blocking reads from the multiprocessing queue, handed to the loop in order. The
-        bounded asyncio queue behind it is the back-pressure."""
-        while True:
+        bounded asyncio queue behind it is the back-pressure. Any error here (an item that
+        will not unpickle, a broken pipe) ends the writer: a reader that died quietly would
+        leave the writer consuming nothing with /health green."""
+        try:
+            while True:
+                try:
+                    item = self.in_queue.get(timeout=0.5)
+                except queue.Empty:
+                    if os.getppid() != self.ctx.parent or self.ctx.stopping.is_set():
+                        item = DRAIN  # orphaned, or told to stop by a signal, and idle: finish
+                    else:
+                        continue
+                asyncio.run_coroutine_threadsafe(self.aq.put(item), loop).result()
+                if item == DRAIN:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, which stops the writer
+            failure = exc  # `exc` is unbound when the block ends; the callback runs later
             try:
-                item = self.in_queue.get(timeout=0.5)
-            except queue.Empty:
-                if os.getppid() != self.ctx.parent or self.ctx.stopping.is_set():
-                    item = DRAIN  # orphaned, or told to stop by a signal, and idle: finish
-                else:
-                    continue
-            asyncio.run_coroutine_threadsafe(self.aq.put(item), loop).result()
-            if item == DRAIN:
-                return
+                loop.call_soon_threadsafe(lambda: self._fail(failure, where="reader thread"))
+            except RuntimeError:  # the loop is closed: the writer is exiting anyway
+                pass
 
     # -- dispatching ----------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        last_sync = time.monotonic()
         while True:
-            if time.monotonic() - last_sync >= SYNC_PERIOD_S:
-                last_sync = time.monotonic()
-                self.spool.sync()
+            self._check()
             if self.failed or self.behind:
                 await self._to_spool_mode("the database went away" if self.failed else
                                           f"the database has been behind for {SPOOL_AFTER_S:g} s")
-            if self.mode == "spool":
+            if spooling(self.state):
                 if not await self._spool_turn():
                     return
             elif not await self._direct_turn():
@@ -174,6 +235,7 @@ class Writer:
             self._check_behind()
             return True
         if isinstance(first, str):
+            self.state = step(self.state, Event.DRAIN)
             await self._wait_inflight()
             if self.failed:  # the last groups failed: spool them, then stop
                 await self._to_spool_mode("the database went away while draining")
@@ -215,6 +277,7 @@ class Writer:
     async def _store(self, items: list[Batch], ack: bool) -> None:
         """Start storing ``items`` in order: groups of one table, a backfill alone after a barrier."""
         for group in _groups(items):
+            self._check()
             if group[0].kind == "backfill":
                 await self._wait_inflight()
                 if self.failed:
@@ -232,18 +295,28 @@ class Writer:
         return self.order
 
     async def _run_group(self, slot: int, order: int, group: list[Batch], ack: bool) -> None:
+        """One group to its outcome: acknowledged once committed, kept when lost, and any
+        other error stops the writer (the group is never acknowledged, so it comes again)."""
         try:
-            await self._commit(slot, group)
-            if ack:
-                self._ack(group)
-        except _Failed:
-            self.failed.append((order, group))
+            outcome = await self._commit(slot, group)
+        except Exception as exc:  # noqa: BLE001 - copier.StoreFailed, or a bug: both stop the writer
+            self._fail(exc, table=group[0].table, kind=group[0].kind, batches=len(group),
+                       rows=sum(b.rows for b in group), producers=sorted({b.producer for b in group}))
+            return
         finally:
             self.free.put_nowait(slot)
+        if isinstance(outcome, copier.Lost):
+            self.failed.append((order, group))
+        elif ack and self.fatal is None:
+            self._ack(group)
 
     async def _wait_inflight(self) -> None:
+        """Until every group in flight has its outcome; _Stop if the writer has failed."""
         while self.inflight:
-            await asyncio.gather(*list(self.inflight), return_exceptions=True)
+            for result in await asyncio.gather(*list(self.inflight), return_exceptions=True):
+                if isinstance(result, BaseException):  # _run_group handles its errors: this is a bug
+                    self._fail(result, where="group task")
+        self._check()
 
     # -- the spool ------------------------------------------------------------------------
 
@@ -253,17 +326,20 @@ class Writer:
         failed = sorted(self.failed, key=lambda x: x[0])
         self.failed = []
         self.behind = False
-        if self.mode != "spool":
+        if self.state is State.DIRECT:
             log.warning("spooling batches to %s: %s", self.spool.directory, why,
                         extra=self._spool_context("spool_start", reason=why, failed_batches=sum(
                             len(group) for _, group in failed)))
-            self._start_spell()
+            self._start_spell(Event.AWAY)
+        else:
+            self.state = step(self.state, Event.AWAY)
         for _, group in failed:
             for batch in group:
-                await self._spool_append(batch, ack=True)
+                await self._spool_append(batch)
+        self._sync_spool()
 
-    def _start_spell(self) -> None:
-        self.mode = "spool"
+    def _start_spell(self, event: Event) -> None:
+        self.state = step(self.state, event)
         self.spell = (time.monotonic(), self.spooled_batches, self.replayed_batches)
         self.full_logged = False
 
@@ -271,9 +347,11 @@ class Writer:
         """A spool log line's fields."""
         return {"event": event, "directory": str(self.spool.directory), "spool_bytes": self.spool.bytes, **fields}
 
-    async def _spool_append(self, batch: Batch, ack: bool) -> None:
+    async def _spool_append(self, batch: Batch) -> None:
+        """Append ``batch`` to the spool; it is acknowledged at the next ``_sync_spool``."""
         while not self.spool.append(batch):
             # Full: hold it (and, behind it, the queue) until replaying frees room.
+            self._sync_spool()
             if not self.full_logged:
                 self.full_logged = True
                 log.error("spool full (%.0f MB): batches wait unacknowledged; the producers hold them",
@@ -281,8 +359,15 @@ class Writer:
             self.report()
             await self._replay_some(timeout=PROBE_PERIOD_S)
         self.spooled_batches += 1
-        if ack:
-            self._ack([batch])
+        self.unsynced.append(batch)
+
+    def _sync_spool(self) -> None:
+        """Group commit: one fsync for everything appended since the last, then their acks
+        (a spooled batch is acknowledged only once its bytes are on disk)."""
+        if self.unsynced:
+            self.spool.sync()
+            batches, self.unsynced = self.unsynced, []
+            self._ack(batches)
 
     async def _spool_turn(self) -> bool:
         """Spool what is waiting, replay the oldest segment if the database answers; False
@@ -290,8 +375,11 @@ class Writer:
         while not self.aq.empty():
             item = self.aq.get_nowait()
             if isinstance(item, str):
+                self._sync_spool()
+                self.state = step(self.state, Event.DRAIN)
                 return await self._spool_drain()
-            await self._spool_append(item, ack=True)
+            await self._spool_append(item)
+        self._sync_spool()
         await self._replay_some(timeout=0.2)
         if not self.spool:
             since, spooled, replayed = self.spell
@@ -301,26 +389,35 @@ class Writer:
                          "spool_replayed", spooled_batches=self.spooled_batches - spooled,
                          replayed_batches=self.replayed_batches - replayed,
                          seconds=round(time.monotonic() - since, 1)))
-            self.mode = "direct"
+            if self.state is State.SPOOLING:
+                self.state = step(self.state, Event.ANSWERS)
+            self.state = step(self.state, Event.EMPTIED)
         elif not self.db_ok:
             waited = await self._next_item(0.2)
             if isinstance(waited, str):
+                self.state = step(self.state, Event.DRAIN)
                 return await self._spool_drain()
             if waited is not None:
-                await self._spool_append(waited, ack=True)
+                await self._spool_append(waited)
+                self._sync_spool()
         return True
 
     async def _replay_some(self, timeout: float) -> None:
-        """Commit the oldest spool segment if the database answers."""
+        """Commit the oldest spool segment if the database answers; it is removed only
+        once every group of it is committed."""
         if not await self._probe():
+            if self.state is State.REPLAYING:
+                self.state = step(self.state, Event.AWAY)
             await asyncio.sleep(min(timeout, PROBE_PERIOD_S))
             return
+        if self.state is not State.DRAINING:
+            self.state = step(self.state, Event.ANSWERS)
         oldest = self.spool.oldest()
         if oldest is None:
             return
         path, batches = oldest
         await self._store(batches, ack=False)  # acknowledged when they were spooled
-        await self._wait_inflight()
+        await self._wait_inflight()  # _Stop if a group failed: the segment stays
         if self.failed:  # it went away again: the segment stays, to be replayed whole
             self.failed = []
             return
@@ -334,6 +431,7 @@ class Writer:
             await self._replay_some(timeout=1.0)
             if not self.db_ok:
                 break
+        self._sync_spool()
         if self.spool:
             self.spool.sync()
             log.warning("stopping with %.1f MB spooled in %s: the next start replays it",
@@ -377,46 +475,32 @@ class Writer:
         self.db_ok = False
         self.db_error = str(exc) or type(exc).__name__
 
-    async def _commit(self, slot: int, group: list[Batch]) -> None:
-        """Store one group on connection ``slot``; raises _Failed if the connection breaks."""
+    async def _commit(self, slot: int, group: list[Batch]) -> copier.Outcome:
+        """Store one group on connection ``slot``: its outcome (copier.StoreFailed goes up)."""
         M, w = self.M, self.ctx.name
         table = group[0].table
-        kind = group[0].kind
         conn = self.conns[slot]
         if conn is None or conn.is_closed():
             try:
                 conn = self.conns[slot] = await asyncpg.connect(self.dsn, timeout=10)
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-                self._db_down(exc)
-                raise _Failed from exc
-        started = time.perf_counter()
-        try:
-            while True:
-                try:
-                    if kind == "backfill":
-                        b = group[0]
-                        assert b.backfill is not None
-                        result = await copier.store_backfill(conn, b.data, b.ids, b.backfill)
-                    else:
-                        result = await copier.store(conn, table, b"".join(b.data for b in group),
-                                                    sum(b.rows for b in group), kind)
-                    break
-                except CONNECTION_ERRORS:
+            except Exception as exc:  # noqa: BLE001 - classified: away, or the writer stops
+                if classify(exc) is not Kind.AWAY and not isinstance(exc, asyncpg.PostgresError):
                     raise
-                except asyncpg.PostgresError as exc:
-                    # Not the rows' fault (a missing table, permissions...): keep the group and retry.
-                    log.error("storing into %s failed: %s; retrying", table, exc)
-                    M.COPY_ERRORS.labels(w, table, "server").inc()
-                    await asyncio.sleep(2.0)
-        except CONNECTION_ERRORS as exc:
-            self._db_down(exc)
+                self._db_down(exc)
+                return copier.Lost(exc)
+        started = time.perf_counter()
+        outcome = await copier.store_group(conn, group)
+        if isinstance(outcome, copier.Lost):
+            self._db_down(outcome.error)
             M.COPY_ERRORS.labels(w, table, "connection").inc()
             conn.terminate()  # the socket is already bad: no goodbye to wait for
             self.conns[slot] = None
-            raise _Failed from exc
+            return outcome
+        result = outcome.result
         elapsed = time.perf_counter() - started
         self.db_ok = True
         self.last_commit = time.time()
+        self.progress_at = time.monotonic()
         self.rows[table] = self.rows.get(table, 0) + result.inserted
         self.batches[table] = self.batches.get(table, 0) + 1
         if result.duplicates:
@@ -437,6 +521,7 @@ class Writer:
                 hist.observe(max(float(lag), 0.0))
             if table in STREAM_TABLES:  # features rows are a bar old by design; gaps and syncs are not data
                 self.recent_lags.extend(lags.tolist())
+        return outcome
 
     def _ack(self, batches: Iterable[Batch]) -> None:
         by: dict[tuple[str, int], list[int]] = {}
@@ -467,21 +552,31 @@ class Writer:
             self.totals.set(M.GAPS_CLOSED.labels(w, market, "aggTrade", how), n)
         self.totals.set(M.SPOOLED_BATCHES.labels(w), self.spooled_batches)
         self.totals.set(M.REPLAYED_BATCHES.labels(w), self.replayed_batches)
+        self.totals.set(M.SPOOL_QUARANTINED.labels(w), self.spool.quarantined_bytes)
         M.SPOOL_BYTES.labels(w).set(self.spool.bytes)
         M.SPOOL_FULL.labels(w).set(1 if self.spool.full else 0)
         try:
             depth = self.in_queue.qsize()
         except NotImplementedError:  # macOS
             depth = -1
+        pending = max(depth, 0) + self.aq.qsize() + len(self.inflight)
+        now = time.monotonic()
+        if not pending:
+            self.progress_at = now  # nothing to do is not a stall
+        stalled = round(now - self.progress_at, 1)
+        M.WRITER_STALLED.labels(w).set(stalled)
         M.QUEUE_DEPTH.labels(w, "writer_in").set(depth + self.aq.qsize())
         lags, self.recent_lags = self.recent_lags, []
         self.status_queue.put({
             "worker": w, "kind": "writer", "time": time.time(), "rows": dict(self.rows),
             "rejected_rows": dict(self.rejected), "duplicate_rows": dict(self.duplicates),
-            "db_ok": self.db_ok, "db_error": self.db_error, "mode": self.mode,
+            "db_ok": self.db_ok, "db_error": self.db_error, "state": self.state.value,
+            "mode": "spool" if spooling(self.state) else self.state.value,
             "spool_bytes": self.spool.bytes, "spool_full": self.spool.full,
             "spooled_batches": self.spooled_batches, "replayed_batches": self.replayed_batches,
+            "spool_quarantined_bytes": self.spool.quarantined_bytes,
             "last_commit": self.last_commit or None, "queue_depth": depth + self.aq.qsize(),
+            "groups_in_flight": len(self.inflight), "stalled_s": stalled,
             "event_to_commit_s": {"median": round(float(np.median(lags)), 3), "max": round(max(lags), 3)}
             if lags else None,
         })
@@ -512,9 +607,17 @@ def spool_dir(data_dir: Path, dsn: str) -> Path:
 def main(settings: Settings, name: str, dsn: str, in_queue: Any, status_queue: Any,
          acks: dict[str, Any] | None = None) -> None:
     async def body(ctx: ChildContext) -> None:
-        await Writer(ctx, dsn, in_queue, status_queue, acks, spool_dir(settings.data_dir, dsn),
-                     settings.spool_max_mb * 2**20).run()
-        ctx.release_queues(status_queue, *(acks or {}).values())
+        try:
+            await Writer(ctx, dsn, in_queue, status_queue, acks, spool_dir(settings.data_dir, dsn),
+                         settings.spool_max_mb * 2**20).run()
+        finally:
+            ctx.release_queues(status_queue)
+        ctx.release_queues(*(acks or {}).values())
 
     # The writer takes no stop event: it stops on DRAIN, after the producers.
-    run_child(settings, name, None, body)
+    try:
+        run_child(settings, name, None, body)
+    except WriterFailed:
+        # Logged once where it happened; a non-zero exit makes the supervisor start another
+        # writer, and the producers send it every batch this one never acknowledged.
+        sys.exit(1)
