@@ -69,6 +69,7 @@ MAX_COPY_BYTES = 8 * 1024 * 1024  # batches of one table joined into one COPY up
 MEMORY_BATCHES = 64  # batches taken from the queue and waiting for a connection
 SPOOL_AFTER_S = 5.0  # that backlog full this long with every connection busy: the database is behind
 PROBE_PERIOD_S = 1.0
+FAILED_WAIT_S = 10.0  # a failed writer waits this long for its groups in flight, then exits
 DRAIN_REPLAY_S = 60.0  # at shutdown, spooled batches replayed for at most this long (the rest waits on disk)
 STREAM_TABLES = frozenset({"agg_trades", "depth_updates", "mark_prices", "force_orders"})
 LAG_SAMPLES = 16  # lag quantiles observed per batch: a per-row histogram without per-row calls
@@ -108,6 +109,7 @@ class Writer:
         self.db_ok = False
         self.db_error = ""
         self.state = State.DIRECT
+        self.in_spell = False  # between spooling's first batch and the spool replayed to its end
         self.fatal: BaseException | None = None
         # Where this spell of spooling started (time, counters): its log lines say what it did.
         self.spell = (time.monotonic(), 0, 0)
@@ -151,9 +153,12 @@ class Writer:
                 raise
         finally:
             status.cancel()
-            # Groups in flight finish (a commit is acknowledged even now: it is stored).
-            while self.inflight:
-                await asyncio.gather(*list(self.inflight), return_exceptions=True)
+            # Groups in flight finish (a commit is acknowledged even now: it is stored). A
+            # failed writer waits for them only so long: what they hold was never
+            # acknowledged, so it comes again to the next writer.
+            deadline = time.monotonic() + FAILED_WAIT_S
+            while self.inflight and (self.fatal is None or time.monotonic() < deadline):
+                await asyncio.wait(list(self.inflight), timeout=1.0)
             if self.fatal is None:
                 self._sync_spool()
             self.spool.close()
@@ -326,7 +331,7 @@ class Writer:
         failed = sorted(self.failed, key=lambda x: x[0])
         self.failed = []
         self.behind = False
-        if self.state is State.DIRECT:
+        if not self.in_spell:
             log.warning("spooling batches to %s: %s", self.spool.directory, why,
                         extra=self._spool_context("spool_start", reason=why, failed_batches=sum(
                             len(group) for _, group in failed)))
@@ -340,6 +345,7 @@ class Writer:
 
     def _start_spell(self, event: Event) -> None:
         self.state = step(self.state, event)
+        self.in_spell = True
         self.spell = (time.monotonic(), self.spooled_batches, self.replayed_batches)
         self.full_logged = False
 
@@ -392,6 +398,7 @@ class Writer:
             if self.state is State.SPOOLING:
                 self.state = step(self.state, Event.ANSWERS)
             self.state = step(self.state, Event.EMPTIED)
+            self.in_spell = False
         elif not self.db_ok:
             waited = await self._next_item(0.2)
             if isinstance(waited, str):
