@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 
 from ingestor.binance import rows
 from ingestor.config import Settings
@@ -193,3 +194,20 @@ async def test_an_error_the_writer_does_not_understand_stops_it_loudly_and_nothi
     finally:
         h.close()
     assert await trade_ids(system_db) == list(range(1, 501))  # every trade, once
+
+
+async def test_a_spool_directory_others_may_write_to_stops_the_writer_with_a_clear_error(
+        system_db: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Issue 16 item 9: whoever may write to the spool directory decides what the writer
+    stores; the writer refuses it and exits non-zero, saying why."""
+    h = Harness(system_db, tmp_path)
+    spool = writer_process.spool_dir(tmp_path, system_db)
+    spool.mkdir(parents=True)
+    spool.chmod(0o777)
+    try:
+        h.start_writer()
+        assert await h.wait_exit(30, "the writer to refuse its spool directory") != 0
+    finally:
+        h.close()
+    err = capfd.readouterr().err
+    assert "writer cannot start" in err and "writable by others" in err, err

@@ -59,7 +59,7 @@ from ingestor.workers.batching import Batch
 from ingestor.workers.child import ChildContext, run_child
 from ingestor.writer import copier
 from ingestor.writer.errors import CONNECTION_TYPES, Kind, classify
-from ingestor.writer.spool import Spool
+from ingestor.writer.spool import Spool, SpoolError
 from ingestor.writer.state import Event, State, spooling, step
 
 log = logging.getLogger(__name__)
@@ -627,4 +627,7 @@ def main(settings: Settings, name: str, dsn: str, in_queue: Any, status_queue: A
     except WriterFailed:
         # Logged once where it happened; a non-zero exit makes the supervisor start another
         # writer, and the producers send it every batch this one never acknowledged.
+        sys.exit(1)
+    except SpoolError as exc:
+        log.error("writer cannot start: %s", exc, extra={"event": "writer_failed", "error": str(exc)})
         sys.exit(1)
