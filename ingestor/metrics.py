@@ -39,7 +39,7 @@ QUEUE_DEPTH = Gauge("ingestor_queue_depth", "Batches waiting in a queue", ["work
 ROWS_WRITTEN = Counter("ingestor_rows_written", "Rows committed to PostgreSQL", ["worker", "table"])
 COPY_BATCHES = Counter("ingestor_copy_batches", "COPY statements committed", ["worker", "table"])
 COPY_ERRORS = Counter("ingestor_copy_errors", "COPY statements that failed", ["worker", "table", "kind"])
-ROWS_REJECTED = Counter("ingestor_rows_rejected", "Rows the database refused (isolated, kept in rejected_rows)",
+ROWS_REJECTED = Counter("ingestor_rows_rejected", "Rows the database refused (isolated and logged)",
                         ["worker", "table"])
 ROWS_DUPLICATE = Counter("ingestor_rows_duplicate", "Rows already stored, skipped (a message that came twice)",
                          ["worker", "table"])

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import numpy as np
 
 from ingestor.config import Settings
 from ingestor.workers.batching import Batch
@@ -61,6 +60,7 @@ from ingestor.writer import copier
 from ingestor.writer.errors import CONNECTION_TYPES, Kind, classify
 from ingestor.writer.spool import Spool, SpoolError
 from ingestor.writer.state import Event, State, spooling, step
+from ingestor.writer.stats import WriterStats
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ SPOOL_AFTER_S = 5.0  # that backlog full this long with every connection busy: t
 PROBE_PERIOD_S = 1.0
 FAILED_WAIT_S = 10.0  # a failed writer waits this long for its groups in flight, then exits
 DRAIN_REPLAY_S = 60.0  # at shutdown, spooled batches replayed for at most this long (the rest waits on disk)
-STREAM_TABLES = frozenset({"agg_trades", "depth_updates", "mark_prices", "force_orders"})
-LAG_SAMPLES = 16  # lag quantiles observed per batch: a per-row histogram without per-row calls
 CONNECTION_ERRORS = (*CONNECTION_TYPES, asyncpg.exceptions.OperatorInterventionError)
 
 
@@ -95,17 +93,7 @@ class Writer:
         self.acks = acks or {}
         s = ctx.settings
         self.spool = Spool(spool_dir or (s.data_dir / "spool"), spool_max_bytes)
-        self.rows: dict[str, int] = {}
-        self.batches: dict[str, int] = {}
-        self.rejected: dict[str, int] = {}
-        self.duplicates: dict[str, int] = {}
-        self.gaps_closed: dict[tuple[str, str], int] = {}  # (market, how) -> trade gaps closed by a backfill
-        self.last_commit = 0.0
-        # Since when the writer has had work and committed nothing: /health's stall rule.
-        self.progress_at = time.monotonic()
-        # Event-to-commit lags of the market data committed since the last status report
-        # (LAG_SAMPLES per batch): `ingestor status` shows their median and maximum.
-        self.recent_lags: list[float] = []
+        self.stats = WriterStats()
         self.db_ok = False
         self.db_error = ""
         self.state = State.DIRECT
@@ -114,8 +102,6 @@ class Writer:
         # Where this spell of spooling started (time, counters): its log lines say what it did.
         self.spell = (time.monotonic(), 0, 0)
         self.full_logged = False  # "spool full" once per spell, not once a probe
-        self.spooled_batches = 0
-        self.replayed_batches = 0
         # Spooled since the last fsync: acknowledged only once the spool is synced.
         self.unsynced: list[Batch] = []
         self.conns: list[asyncpg.Connection | None] = [None] * s.writer_connections
@@ -168,7 +154,7 @@ class Writer:
             self.report()
         if self.fatal is not None:
             raise WriterFailed(str(self.fatal)) from self.fatal
-        log.info("drained: %s%s", ", ".join(f"{t}={n}" for t, n in sorted(self.rows.items())) or "no rows",
+        log.info("drained: %s%s", ", ".join(f"{t}={n}" for t, n in sorted(self.stats.rows.items())) or "no rows",
                  f"; {self.spool.bytes / 2**20:.1f} MB left in the spool" if self.spool else "")
 
     async def _run_dispatch(self) -> None:
@@ -346,7 +332,7 @@ class Writer:
     def _start_spell(self, event: Event) -> None:
         self.state = step(self.state, event)
         self.in_spell = True
-        self.spell = (time.monotonic(), self.spooled_batches, self.replayed_batches)
+        self.spell = (time.monotonic(), self.stats.spooled_batches, self.stats.replayed_batches)
         self.full_logged = False
 
     def _spool_context(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -364,7 +350,7 @@ class Writer:
                           self.spool.bytes / 2**20, extra=self._spool_context("spool_full"))
             self.report()
             await self._replay_some(timeout=PROBE_PERIOD_S)
-        self.spooled_batches += 1
+        self.stats.spooled_batches += 1
         self.unsynced.append(batch)
 
     def _sync_spool(self) -> None:
@@ -390,10 +376,10 @@ class Writer:
         if not self.spool:
             since, spooled, replayed = self.spell
             log.info("spool replayed: batches go straight to the database again (%d batches spooled, %d replayed "
-                     "in %.1f s)", self.spooled_batches - spooled, self.replayed_batches - replayed,
+                     "in %.1f s)", self.stats.spooled_batches - spooled, self.stats.replayed_batches - replayed,
                      time.monotonic() - since, extra=self._spool_context(
-                         "spool_replayed", spooled_batches=self.spooled_batches - spooled,
-                         replayed_batches=self.replayed_batches - replayed,
+                         "spool_replayed", spooled_batches=self.stats.spooled_batches - spooled,
+                         replayed_batches=self.stats.replayed_batches - replayed,
                          seconds=round(time.monotonic() - since, 1)))
             if self.state is State.SPOOLING:
                 self.state = step(self.state, Event.ANSWERS)
@@ -429,7 +415,7 @@ class Writer:
             self.failed = []
             return
         self.spool.remove(path)
-        self.replayed_batches += len(batches)
+        self.stats.replayed_batches += len(batches)
 
     async def _spool_drain(self) -> bool:
         """DRAIN while spooling: replay for a while if the database is there, keep the rest."""
@@ -503,31 +489,8 @@ class Writer:
             conn.terminate()  # the socket is already bad: no goodbye to wait for
             self.conns[slot] = None
             return outcome
-        result = outcome.result
-        elapsed = time.perf_counter() - started
         self.db_ok = True
-        self.last_commit = time.time()
-        self.progress_at = time.monotonic()
-        self.rows[table] = self.rows.get(table, 0) + result.inserted
-        self.batches[table] = self.batches.get(table, 0) + 1
-        if result.duplicates:
-            self.duplicates[table] = self.duplicates.get(table, 0) + result.duplicates
-        if result.rejected:
-            self.rejected[table] = self.rejected.get(table, 0) + result.rejected
-        info = group[0].backfill
-        if result.closed_how is not None and info is not None:
-            key = (info.market, result.closed_how)
-            self.gaps_closed[key] = self.gaps_closed.get(key, 0) + 1
-        M.COPY_SECONDS.labels(w, table).observe(elapsed)
-        ev = np.concatenate([np.frombuffer(b.event_ms, dtype=np.int64) for b in group])
-        if len(ev):
-            points = np.quantile(ev, np.linspace(0, 1, min(LAG_SAMPLES, len(ev))))
-            lags = (self.last_commit * 1000 - points) / 1000
-            hist = M.LAG_SECONDS.labels(w, table)
-            for lag in lags:
-                hist.observe(max(float(lag), 0.0))
-            if table in STREAM_TABLES:  # features rows are a bar old by design; gaps and syncs are not data
-                self.recent_lags.extend(lags.tolist())
+        self.stats.committed(group, outcome.result, time.perf_counter() - started, M, w)
         return outcome
 
     def _ack(self, batches: Iterable[Batch]) -> None:
@@ -547,18 +510,7 @@ class Writer:
 
     def report(self) -> None:
         M, w = self.M, self.ctx.name
-        for table, n in self.rows.items():
-            self.totals.set(M.ROWS_WRITTEN.labels(w, table), n)
-        for table, n in self.batches.items():
-            self.totals.set(M.COPY_BATCHES.labels(w, table), n)
-        for table, n in self.duplicates.items():
-            self.totals.set(M.ROWS_DUPLICATE.labels(w, table), n)
-        for table, n in self.rejected.items():
-            self.totals.set(M.ROWS_REJECTED.labels(w, table), n)
-        for (market, how), n in self.gaps_closed.items():
-            self.totals.set(M.GAPS_CLOSED.labels(w, market, "aggTrade", how), n)
-        self.totals.set(M.SPOOLED_BATCHES.labels(w), self.spooled_batches)
-        self.totals.set(M.REPLAYED_BATCHES.labels(w), self.replayed_batches)
+        self.stats.publish(M, self.totals, w)
         self.totals.set(M.SPOOL_QUARANTINED.labels(w), self.spool.quarantined_bytes)
         M.SPOOL_BYTES.labels(w).set(self.spool.bytes)
         M.SPOOL_FULL.labels(w).set(1 if self.spool.full else 0)
@@ -566,28 +518,17 @@ class Writer:
             depth = self.in_queue.qsize()
         except NotImplementedError:  # macOS
             depth = -1
-        pending = max(depth, 0) + self.aq.qsize() + len(self.inflight)
-        now = time.monotonic()
-        if not pending:
-            self.progress_at = now  # nothing to do is not a stall
-        stalled = round(now - self.progress_at, 1)
+        stalled = self.stats.stalled_s(max(depth, 0) + self.aq.qsize() + len(self.inflight))
         M.WRITER_STALLED.labels(w).set(stalled)
         M.QUEUE_DEPTH.labels(w, "writer_in").set(depth + self.aq.qsize())
-        lags, self.recent_lags = self.recent_lags, []
         self.status_queue.put({
-            "worker": w, "kind": "writer", "time": time.time(), "rows": dict(self.rows),
-            "rejected_rows": dict(self.rejected), "duplicate_rows": dict(self.duplicates),
+            "worker": w, "kind": "writer", "time": time.time(), **self.stats.status(),
             "db_ok": self.db_ok, "db_error": self.db_error, "state": self.state.value,
             "mode": "spool" if spooling(self.state) else self.state.value,
             "spool_bytes": self.spool.bytes, "spool_full": self.spool.full,
-            "spooled_batches": self.spooled_batches, "replayed_batches": self.replayed_batches,
             "spool_quarantined_bytes": self.spool.quarantined_bytes,
-            "last_commit": self.last_commit or None, "queue_depth": depth + self.aq.qsize(),
-            "groups_in_flight": len(self.inflight), "stalled_s": stalled,
-            "event_to_commit_s": {"median": round(float(np.median(lags)), 3), "max": round(max(lags), 3)}
-            if lags else None,
+            "queue_depth": depth + self.aq.qsize(), "groups_in_flight": len(self.inflight), "stalled_s": stalled,
         })
-
 
 def _groups(items: list[Batch]) -> list[list[Batch]]:
     """Consecutive batches of one table and kind joined (up to MAX_COPY_BYTES); a backfill alone."""
