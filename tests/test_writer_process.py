@@ -10,6 +10,7 @@ exactly once."""
 from __future__ import annotations
 
 import array
+import asyncio
 import multiprocessing as mp
 from pathlib import Path
 from typing import Any
@@ -211,3 +212,65 @@ async def test_a_spool_directory_others_may_write_to_stops_the_writer_with_a_cle
         h.close()
     err = capfd.readouterr().err
     assert "writer cannot start" in err and "writable by others" in err, err
+
+
+async def test_a_spool_segment_whose_replay_fails_stays_on_disk_until_it_is_committed(tmp_path: Path) -> None:
+    """Issue 16 item 1, the spool half: a segment is removed only after the commits that
+    hold all of its rows. The writer spools while the database is away; when it is back,
+    the replay meets an error the writer does not understand (XX000 while a flag row
+    exists): the writer exits non-zero and the segment stays; the next writer, with the
+    flag gone, replays it and every trade is stored once."""
+    from ingestor.db.embedded import EmbeddedPostgres
+    from ingestor.db.migrate import migrate
+
+    server = EmbeddedPostgres(tmp_path / "db")
+    dsn = await asyncio.to_thread(server.start)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+        await conn.execute("""
+            CREATE TABLE writer_fault_on (x int);
+            INSERT INTO writer_fault_on VALUES (1);
+            CREATE FUNCTION writer_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF EXISTS (SELECT 1 FROM writer_fault_on) THEN
+                    RAISE EXCEPTION 'injected internal error' USING ERRCODE = 'XX000';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER writer_fault BEFORE INSERT ON agg_trades FOR EACH ROW EXECUTE FUNCTION writer_fault();
+        """)
+    finally:
+        await conn.close()
+    await asyncio.to_thread(server.stop)
+    h = Harness(dsn, tmp_path / "data")
+    spool = writer_process.spool_dir(tmp_path / "data", dsn)
+    try:
+        h.start_writer()  # the database is away: everything goes to the spool, acknowledged there
+        for i in range(4):
+            h.delivery.send(trade_batch(1 + i * 100, 100))
+
+        async def spooled() -> bool:
+            h.delivery.poll()
+            h.drain_status()
+            return not h.delivery.pending
+
+        await wait_until(spooled, 60, "every batch spooled and acknowledged")
+        assert list(spool.glob("*.spool"))
+        server = EmbeddedPostgres(tmp_path / "db")
+        await asyncio.to_thread(server.start)
+        assert await h.wait_exit(60, "the writer to stop on the replay's error") != 0
+        assert list(spool.glob("*.spool")), "a segment was removed although its rows were never committed"
+        await execute(dsn, "DELETE FROM writer_fault_on")
+        h.start_writer()
+
+        async def replayed() -> bool:
+            h.drain_status()
+            return not list(spool.glob("*.spool"))
+
+        await wait_until(replayed, 60, "the spool replayed by the next writer")
+        assert await h.drain() == 0
+        assert await trade_ids(dsn) == list(range(1, 401))  # every trade, once
+    finally:
+        h.close()
+        await asyncio.to_thread(server.stop)
