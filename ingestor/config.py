@@ -69,7 +69,8 @@ class Settings:
     spool_max_mb: int = field(default=4096, metadata=_opt(
         "disk the writer may fill with batches (in <data-dir>/spool) while the database is away or behind"))
     writer_stall_s: float = field(default=60.0, metadata=_opt(
-        "/health is unhealthy when the writer has had work pending this long and committed nothing"))
+        "/health is unhealthy when the writer has had work pending this long and committed or spooled "
+        "nothing"))
     snapshot_interval_s: float = field(default=300.0, metadata=_opt(
         "seconds between full depth snapshots of each symbol; 0 disables"))
     snapshot_limit: int = field(default=1000, metadata=_opt("levels per depth snapshot"))

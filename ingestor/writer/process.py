@@ -360,6 +360,7 @@ class Writer:
             self.spool.sync()
             batches, self.unsynced = self.unsynced, []
             self._ack(batches)
+            self.stats.progress_at = time.monotonic()  # safe on disk: the writer is not stuck
 
     async def _spool_turn(self) -> bool:
         """Spool what is waiting, replay the oldest segment if the database answers; False
@@ -559,8 +560,9 @@ def main(settings: Settings, name: str, dsn: str, in_queue: Any, status_queue: A
             await Writer(ctx, dsn, in_queue, status_queue, acks, spool_dir(settings.data_dir, dsn),
                          settings.spool_max_mb * 2**20).run()
         finally:
-            ctx.release_queues(status_queue)
-        ctx.release_queues(*(acks or {}).values())
+            # Also when failing: an ack queue nobody reads (its producer dead) must not hold
+            # the exit; a lost ack costs a resend, which the unique keys turn away.
+            ctx.release_queues(status_queue, *(acks or {}).values())
 
     # The writer takes no stop event: it stops on DRAIN, after the producers.
     try:

@@ -2,8 +2,8 @@
 its status dict once a second (``publish``, ``status``).
 
 ``stalled_s`` is what /health's stall rule reads (``supervisor.health``, ``--writer-stall-s``):
-how long the writer has had work pending and committed nothing; 0 when it has nothing to
-do. Test: tests/chaos/test_writer_faults.py (a table locked under every connection).
+how long the writer has had work pending and neither committed nor spooled anything; 0
+when it has nothing to do. Test: tests/chaos/test_writer_faults.py (a table locked under every connection).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class WriterStats:
     spooled_batches: int = 0
     replayed_batches: int = 0
     last_commit: float = 0.0  # wall clock of the last commit
-    progress_at: float = field(default_factory=time.monotonic)  # last commit, or last time there was no work
+    progress_at: float = field(default_factory=time.monotonic)  # last commit or spool sync, or no work
     # Event-to-commit lags of the market data committed since the last status report
     # (LAG_SAMPLES per batch): `ingestor status` shows their median and maximum.
     recent_lags: list[float] = field(default_factory=list)
