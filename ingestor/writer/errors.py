@@ -21,7 +21,6 @@ PostgreSQL's SQLSTATE classes: https://www.postgresql.org/docs/current/errcodes-
 
 from __future__ import annotations
 
-import asyncio
 import enum
 
 import asyncpg
@@ -37,7 +36,7 @@ ROW_CLASSES = frozenset({"22", "23", "54"})
 ROW_STATES = frozenset({"P0001"})
 AWAY_CLASSES = frozenset({"08", "53", "57"})
 # Below asyncpg's PostgresError: the socket or the client's view of the connection.
-CONNECTION_TYPES = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncio.TimeoutError)
+CONNECTION_TYPES = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
 
 
 def kind_of_state(sqlstate: str) -> Kind:

@@ -399,11 +399,13 @@ class Writer:
     async def _replay_some(self, timeout: float) -> None:
         """Commit the oldest spool segment if the database answers; it is removed only
         once every group of it is committed."""
+        self._check()
         if not await self._probe():
             if self.state is State.REPLAYING:
                 self.state = step(self.state, Event.AWAY)
             await asyncio.sleep(min(timeout, PROBE_PERIOD_S))
             return
+        self._check()
         if self.state is not State.DRAINING:
             self.state = step(self.state, Event.ANSWERS)
         oldest = self.spool.oldest()
