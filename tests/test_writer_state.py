@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ingestor.writer.policy import Behind
 from ingestor.writer.state import TRANSITIONS, Event, IllegalTransition, State, spooling, step
 
 S, E = State, Event
@@ -42,3 +43,20 @@ def test_the_spool_is_left_only_through_replaying_it_to_its_end() -> None:
     assert (S.SPOOLING, E.EMPTIED) not in TRANSITIONS
     assert [s for (s, _), t in TRANSITIONS.items() if t is S.DIRECT] == [S.REPLAYING]
     assert spooling(S.SPOOLING) and spooling(S.REPLAYING) and not spooling(S.DIRECT)
+
+
+def test_the_database_is_behind_after_the_backlog_stays_full_with_every_connection_busy() -> None:
+    now = [0.0]
+    behind = Behind(after_s=5.0, clock=lambda: now[0])
+    for t in (0.0, 2.0, 4.9):
+        now[0] = t
+        assert not behind.observe(True, True)
+    now[0] = 5.0
+    assert behind.observe(True, True)
+    # It starts over, and any break in between (a free connection, room in the backlog) resets it.
+    for t, full, busy in ((6.0, True, True), (9.0, True, False), (10.0, True, True), (14.0, False, True),
+                          (15.0, True, True), (19.9, True, True)):
+        now[0] = t
+        assert not behind.observe(full, busy), t
+    now[0] = 20.0
+    assert behind.observe(True, True)

@@ -58,6 +58,7 @@ from ingestor.workers.batching import Batch
 from ingestor.workers.child import ChildContext, run_child
 from ingestor.writer import copier
 from ingestor.writer.errors import CONNECTION_TYPES, Kind, classify
+from ingestor.writer.policy import SPOOL_AFTER_S, Behind
 from ingestor.writer.spool import Spool, SpoolError
 from ingestor.writer.state import Event, State, spooling, step
 from ingestor.writer.stats import WriterStats
@@ -67,7 +68,6 @@ log = logging.getLogger(__name__)
 DRAIN = "drain"
 MAX_COPY_BYTES = 8 * 1024 * 1024  # batches of one table joined into one COPY up to this size
 MEMORY_BATCHES = 64  # batches taken from the queue and waiting for a connection
-SPOOL_AFTER_S = 5.0  # that backlog full this long with every connection busy: the database is behind
 PROBE_PERIOD_S = 1.0
 FAILED_WAIT_S = 10.0  # a failed writer waits this long for its groups in flight, then exits
 DRAIN_REPLAY_S = 60.0  # at shutdown, spooled batches replayed for at most this long (the rest waits on disk)
@@ -112,7 +112,7 @@ class Writer:
         self.failed: list[tuple[int, list[Batch]]] = []  # (order taken, group) whose connection broke
         self.order = 0
         self.behind = False  # the database fell behind: spool until it catches up
-        self.full_since = 0.0
+        self.behind_policy = Behind()
         self._dispatcher: asyncio.Task[None] | None = None
 
     # -- the process ----------------------------------------------------------------------
@@ -256,14 +256,8 @@ class Writer:
 
     def _check_behind(self) -> None:
         """Every connection busy and the backlog full for SPOOL_AFTER_S: the database is slow."""
-        if self.aq.full() and self.free.empty():
-            if not self.full_since:
-                self.full_since = time.monotonic()
-            elif time.monotonic() - self.full_since >= SPOOL_AFTER_S:
-                self.behind = True
-                self.full_since = 0.0
-        else:
-            self.full_since = 0.0
+        if self.behind_policy.observe(self.aq.full(), self.free.empty()):
+            self.behind = True
 
     async def _store(self, items: list[Batch], ack: bool) -> None:
         """Start storing ``items`` in order: groups of one table, a backfill alone after a barrier."""
