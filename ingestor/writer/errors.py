@@ -17,6 +17,8 @@ Three answers, and nothing in between:
   the producers send every unacknowledged batch again.
 
 PostgreSQL's SQLSTATE classes: https://www.postgresql.org/docs/current/errcodes-appendix.html
+Tests: tests/test_writer_errors.py (the table), tests/test_writer_store.py (each kind
+against a real server).
 """
 
 from __future__ import annotations

@@ -35,6 +35,12 @@ again from its producer. The reader thread's errors end the writer the same way.
 
 States (``state``): direct, spooling, replaying, draining, failed; every change goes
 through ``state.step``.
+
+Tests: tests/test_writer_process.py (a real writer process: an unreadable queue item, an
+unhandled server error directly and during a spool replay, a spool directory refused),
+tests/chaos/test_writer_faults.py and test_writer_and_database.py (the pipeline: refused
+rows, an unhandled error, a wedged writer, a crash mid-replay, the database away, SIGTERM
+while it is away, the writer killed).
 """
 
 from __future__ import annotations
