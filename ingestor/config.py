@@ -72,6 +72,9 @@ class Settings:
     max_buffer_mb: int = field(default=1024, metadata=_opt(
         "memory all producers together may hold in batches the writer has not acknowledged; past its share a "
         "producer stops reading (a recorded gap, never a silent loss)"))
+    writer_stall_s: float = field(default=60.0, metadata=_opt(
+        "/health is unhealthy when the writer has had work pending this long and committed or spooled "
+        "nothing"))
     snapshot_interval_s: float = field(default=300.0, metadata=_opt(
         "seconds between full depth snapshots of each symbol; 0 disables"))
     snapshot_limit: int = field(default=1000, metadata=_opt("levels per depth snapshot"))
@@ -256,6 +259,8 @@ def validate(s: Settings) -> None:
     for name in ("snapshot_interval_s", "open_interest_interval_s", "connection_max_age_s"):
         if not (math.isfinite(getattr(s, name)) and getattr(s, name) >= 0):
             raise ConfigError(f"{name} must be a number of seconds >= 0 (got {getattr(s, name)})")
+    if not (math.isfinite(s.writer_stall_s) and s.writer_stall_s > 0):
+        raise ConfigError(f"writer_stall_s must be a number of seconds > 0 (got {s.writer_stall_s})")
     for name in ("compress_after_days", "retention_days"):  # a negative retention would drop everything
         if getattr(s, name) < 0:
             raise ConfigError(f"{name} must be >= 0 (got {getattr(s, name)})")

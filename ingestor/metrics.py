@@ -52,6 +52,12 @@ REPLAYED_BATCHES = Counter("ingestor_replayed_batches", "Spooled batches committ
 SPOOL_BYTES = Gauge("ingestor_spool_bytes", "Bytes in the disk spool", ["worker"], multiprocess_mode="livesum")
 SPOOL_FULL = Gauge("ingestor_spool_full", "1 while the spool is full and batches wait unacknowledged", ["worker"],
                    multiprocess_mode="livesum")
+SPOOL_QUARANTINED = Counter("ingestor_spool_quarantined_bytes",
+                            "Spool bytes that could not be read back (cut short or corrupted), moved to quarantine/",
+                            ["worker"])
+WRITER_STALLED = Gauge("ingestor_writer_stalled_seconds",
+                       "Seconds the writer has had work pending and committed or spooled nothing (0 when idle)",
+                       ["worker"], multiprocess_mode="livemax")
 COPY_SECONDS = Histogram("ingestor_copy_seconds", "COPY statement duration", ["worker", "table"],
                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 LAG_SECONDS = Histogram("ingestor_event_to_commit_seconds",

@@ -446,6 +446,12 @@ class Supervisor:
                     lag = m.get("input_lag_s")
                     if lag is not None and lag > FEATURE_LAG_PROBLEM_S and st.get("queue_depth", 0) > 0:
                         problems.append(f"{c.name}: {market} input {lag:.0f} s behind")
+            # A writer with work pending that commits nothing (a wedged group, a database that
+            # takes the connection but never the rows) loses nothing yet, but will: say so.
+            if c.kind == "writer" and st and (st.get("stalled_s") or 0) > self.settings.writer_stall_s:
+                problems.append(f"{c.name}: work pending and nothing committed for {st['stalled_s']:.0f} s "
+                                f"(state {st.get('state')}, {st.get('groups_in_flight', 0)} group(s) in flight, "
+                                f"queue {st.get('queue_depth', 0)})")
         writer = workers.get("writer", {})
         last_commit = writer.get("last_commit")
         db = {"reachable": self.db_reachable and bool(writer.get("db_ok", True)),

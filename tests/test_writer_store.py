@@ -1,21 +1,20 @@
 """The writer's storing rules against both real databases: a message stored twice is
 impossible (the unique keys of sql/005, duplicates skipped and counted), refused rows are
 isolated, gap rows close, backfilled trades skip what the WebSocket already stored.
-And the disk spool: order, bounds, crash leftovers."""
+(The disk spool: tests/test_writer_spool.py.)"""
 
 from __future__ import annotations
 
-import pickle
+import logging
 from array import array
-from pathlib import Path
 
 import asyncpg
 import orjson
+import pytest
 
 from ingestor.wire import rows
 from ingestor.wire.batching import Backfill, Batch
 from ingestor.writer import copier
-from ingestor.writer.spool import Spool
 
 T0 = 1_795_132_800_000
 
@@ -111,51 +110,98 @@ async def test_backfill_stores_only_trades_not_yet_stored_and_closes_the_gap(db_
     assert (gap["closed_how"], gap["closed_rows"]) == ("backfilled", 5) and gap["closed_at"] is not None
 
 
-# ---- the spool ---------------------------------------------------------------------------
+# ---- outcomes: rows the server refuses, errors nobody understands, a lost connection ----
 
 
-def batch(i: int, size: int = 10) -> Batch:
-    return Batch("agg_trades", 1, bytes([i % 256]) * size, b"", producer="p", incarnation=1, seq=i)
+async def execute(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
 
 
-def test_spool_is_first_in_first_out_across_segments_and_restarts(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, max_bytes=10_000, segment_bytes=300)
-    for i in range(1, 21):
-        assert spool.append(batch(i))
-    assert spool and spool.bytes > 0
-    spool.close()
-    again = Spool(tmp_path, max_bytes=10_000, segment_bytes=300)  # a new process finds it
-    seen = []
-    while (oldest := again.oldest()) is not None:
-        path, batches = oldest
-        seen += [b.seq for b in batches]
-        again.remove(path)
-    assert seen == list(range(1, 21))
-    assert not again and again.bytes == 0 and not list(tmp_path.glob("*.spool"))
+def trades_batch(ids: range, symbol: str = "BTCUSDT") -> Batch:
+    data = [trade(a, T0 + a, symbol) for a in ids]
+    return Batch("agg_trades", len(data), b"".join(data), array("q", [T0 + a for a in ids]).tobytes())
 
 
-def test_spool_refuses_past_its_bound(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, max_bytes=2_000)
-    n = 0
-    while spool.append(batch(n, size=300)):
-        n += 1
-    assert 3 <= n <= 6 and spool.full and spool.refused == 1
-    assert spool.bytes <= 2_000
+async def store_group(dsn: str, group: list[Batch]) -> copier.Outcome:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await copier.store_group(conn, group)
+    finally:
+        await conn.close()
 
 
-def test_spool_survives_a_record_cut_short_and_sets_aside_what_it_cannot_read(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, max_bytes=10_000)
-    for i in range(1, 4):
-        spool.append(batch(i))
-    spool.close()
-    seg = next(tmp_path.glob("*.spool"))
-    seg.write_bytes(seg.read_bytes()[:-5])  # the process died mid-write
-    bad = tmp_path / "000000000099.spool"
-    bad.write_bytes(len(b"junk").to_bytes(4, "little") + b"junk")
-    again = Spool(tmp_path, max_bytes=10_000)
-    path, batches = again.oldest()  # type: ignore[misc]
-    assert [b.seq for b in batches] == [1, 2]
-    again.remove(path)
-    assert again.oldest() is None  # the unreadable one set aside
-    assert (tmp_path / "000000000099.bad").exists()
-    assert pickle.loads(pickle.dumps(batch(1))).seq == 1
+async def test_a_row_over_the_index_limit_is_isolated_kept_with_its_bytes_and_the_rest_stored(
+        db_dsn: str) -> None:
+    """Issue 16 item 4: "index row size exceeds btree maximum" (SQLSTATE 54000, program limit
+    exceeded) is the row's fault: before, the writer retried the group forever."""
+    import secrets
+
+    huge = "X" + secrets.token_hex(1800).upper()  # incompressible: the key cannot fit a btree page
+    bad = trade(7, T0 + 7, huge)
+    group = [trades_batch(range(1, 7)), Batch("agg_trades", 1, bad, array("q", [T0 + 7]).tobytes()),
+             trades_batch(range(8, 11))]
+    outcome = await store_group(db_dsn, group)
+    assert isinstance(outcome, copier.Stored)
+    assert (outcome.result.inserted, outcome.result.rejected) == (9, 1)
+    ids = [r[0] for r in await fetch(db_dsn, "SELECT aggregate_trade_id FROM agg_trades ORDER BY 1")]
+    assert ids == [1, 2, 3, 4, 5, 6, 8, 9, 10]
+    (kept,) = await fetch(db_dsn, "SELECT table_name, sqlstate, error, raw, payload FROM rejected_rows")
+    assert (kept["table_name"], kept["sqlstate"]) == ("agg_trades", "54000")
+    assert "index row size" in kept["error"] and "btree" in kept["error"] and kept["raw"] == bad
+    assert orjson.loads(kept["payload"])["s"] == huge
+
+
+async def test_rows_a_trigger_refuses_are_isolated_and_one_line_is_logged_for_many(
+        db_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 16 items 4 and 13: an exception a trigger raises for a row (P0001) isolates the
+    row; 200 refused rows write one ERROR line, not 200."""
+    await execute(db_dsn, """
+        CREATE FUNCTION refuse_odd() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.aggregate_trade_id % 2 = 1 THEN RAISE EXCEPTION 'odd trade %', NEW.aggregate_trade_id; END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_odd BEFORE INSERT ON agg_trades FOR EACH ROW EXECUTE FUNCTION refuse_odd();
+    """)
+    copier.REFUSED_LOG.last.clear()
+    copier.REFUSED_LOG.unlogged.clear()
+    with caplog.at_level(logging.ERROR, logger="ingestor.writer.copier"):
+        outcome = await store_group(db_dsn, [trades_batch(range(1, 401))])
+        again = await store_group(db_dsn, [trades_batch(range(401, 421))])
+    assert isinstance(outcome, copier.Stored) and isinstance(again, copier.Stored)
+    assert (outcome.result.inserted, outcome.result.rejected) == (200, 200)
+    kept = await fetch(db_dsn, "SELECT sqlstate, payload FROM rejected_rows ORDER BY 1")
+    assert len(kept) == 210 and {r["sqlstate"] for r in kept} == {"P0001"}
+    assert sorted(orjson.loads(r["payload"])["a"] for r in kept) == list(range(1, 421, 2))
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "200 row(s) refused" in lines[0].getMessage() and "odd trade" in lines[0].getMessage()
+
+
+async def test_an_error_that_is_not_the_rows_fault_is_a_failure_not_a_retry(db_dsn: str) -> None:
+    """Issue 16 item 1: an internal error (XX000) is neither isolated nor retried: the
+    writer is told to stop (copier.StoreFailed) and nothing is stored or kept as refused."""
+    await execute(db_dsn, """
+        CREATE FUNCTION broken() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = 'XX000'; END $$;
+        CREATE TRIGGER broken BEFORE INSERT ON agg_trades FOR EACH ROW EXECUTE FUNCTION broken();
+    """)
+    with pytest.raises(copier.StoreFailed, match="SQLSTATE XX000"):
+        await store_group(db_dsn, [trades_batch(range(1, 51))])
+    assert await fetch(db_dsn, "SELECT 1 FROM agg_trades") == []
+    assert await fetch(db_dsn, "SELECT 1 FROM rejected_rows") == []
+
+
+async def test_a_connection_cut_by_the_server_is_an_outcome_lost(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        pid = conn.get_server_pid()
+        await execute(db_dsn, f"SELECT pg_terminate_backend({pid})")
+        outcome = await copier.store_group(conn, [trades_batch(range(1, 11))])
+    finally:
+        conn.terminate()
+    assert isinstance(outcome, copier.Lost)

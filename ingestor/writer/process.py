@@ -25,6 +25,22 @@ all; the spool keeps the order, and its replay keeps the same rule.
 
 Shutdown: the supervisor puts ``DRAIN`` on the queue after every producer has exited;
 everything before it is committed or, if the database is away, spooled; then it exits.
+
+Errors (``errors``, ``copier.store_group``): a group is committed (``Stored``: refused
+rows isolated in ``rejected_rows``), or lost with its connection (``Lost``: spooled, or
+stored again). Anything else stops the writer loudly (``WriterFailed``: logged once with
+its context, exit code 1): nothing is acknowledged or removed from the spool without the
+commit that holds it, and the supervisor's next writer gets every unacknowledged batch
+again from its producer. The reader thread's errors end the writer the same way.
+
+States (``state``): direct, spooling, replaying, draining, failed; every change goes
+through ``state.step``.
+
+Tests: tests/test_writer_process.py (a real writer process: an unreadable queue item, an
+unhandled server error directly and during a spool replay, a spool directory refused),
+tests/chaos/test_writer_faults.py and test_writer_and_database.py (the pipeline: refused
+rows, an unhandled error, a wedged writer, a crash mid-replay, the database away, SIGTERM
+while it is away, the writer killed).
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ import hashlib
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -41,32 +58,35 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import numpy as np
 
 from ingestor.config import Settings
 from ingestor.wire.batching import Batch
 from ingestor.wire.channel import FanIn, FanInEnds
 from ingestor.wire.child import ChildContext, run_child
 from ingestor.writer import copier
-from ingestor.writer.spool import Spool
+from ingestor.writer.errors import CONNECTION_TYPES, Kind, classify
+from ingestor.writer.policy import SPOOL_AFTER_S, Behind
+from ingestor.writer.spool import Spool, SpoolError
+from ingestor.writer.state import Event, State, spooling, step
+from ingestor.writer.stats import WriterStats
 
 log = logging.getLogger(__name__)
 
 DRAIN = "drain"
 MAX_COPY_BYTES = 8 * 1024 * 1024  # batches of one table joined into one COPY up to this size
 MEMORY_BATCHES = 64  # batches taken from the queue and waiting for a connection
-SPOOL_AFTER_S = 5.0  # that backlog full this long with every connection busy: the database is behind
 PROBE_PERIOD_S = 1.0
-SYNC_PERIOD_S = 1.0
+FAILED_WAIT_S = 10.0  # a failed writer waits this long for its groups in flight, then exits
 DRAIN_REPLAY_S = 60.0  # at shutdown, spooled batches replayed for at most this long (the rest waits on disk)
-STREAM_TABLES = frozenset({"agg_trades", "depth_updates", "mark_prices", "force_orders"})
-LAG_SAMPLES = 16  # lag quantiles observed per batch: a per-row histogram without per-row calls
-CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                     asyncpg.exceptions.OperatorInterventionError, asyncio.TimeoutError)
+CONNECTION_ERRORS = (*CONNECTION_TYPES, asyncpg.exceptions.OperatorInterventionError)
 
 
-class _Failed(Exception):
-    """A group's connection broke: the database is away."""
+class WriterFailed(Exception):
+    """The writer stopped on an error it does not understand (already logged): exit 1."""
+
+
+class _Stop(Exception):
+    """Raised inside the dispatcher once the writer has failed: nothing more is done."""
 
 
 class Writer:
@@ -80,23 +100,17 @@ class Writer:
         self.acks = acks or {}
         s = ctx.settings
         self.spool = Spool(spool_dir or (s.data_dir / "spool"), spool_max_bytes)
-        self.rows: dict[str, int] = {}
-        self.batches: dict[str, int] = {}
-        self.rejected: dict[str, int] = {}
-        self.duplicates: dict[str, int] = {}
-        self.gaps_closed: dict[tuple[str, str], int] = {}  # (market, how) -> trade gaps closed by a backfill
-        self.last_commit = 0.0
-        # Event-to-commit lags of the market data committed since the last status report
-        # (LAG_SAMPLES per batch): `ingestor status` shows their median and maximum.
-        self.recent_lags: list[float] = []
+        self.stats = WriterStats()
         self.db_ok = False
         self.db_error = ""
-        self.mode = "direct"  # direct | spool
+        self.state = State.DIRECT
+        self.in_spell = False  # between spooling's first batch and the spool replayed to its end
+        self.fatal: BaseException | None = None
         # Where this spell of spooling started (time, counters): its log lines say what it did.
         self.spell = (time.monotonic(), 0, 0)
         self.full_logged = False  # "spool full" once per spell, not once a probe
-        self.spooled_batches = 0
-        self.replayed_batches = 0
+        # Spooled since the last fsync: acknowledged only once the spool is synced.
+        self.unsynced: list[Batch] = []
         self.conns: list[asyncpg.Connection | None] = [None] * s.writer_connections
         self.free: asyncio.Queue[int] = asyncio.Queue()
         for i in range(s.writer_connections):
@@ -105,11 +119,13 @@ class Writer:
         self.failed: list[tuple[int, list[Batch]]] = []  # (order taken, group) whose connection broke
         self.order = 0
         self.behind = False  # the database fell behind: spool until it catches up
-        self.full_since = 0.0
+        self.behind_policy = Behind()
+        self._dispatcher: asyncio.Task[None] | None = None
 
     # -- the process ----------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Until drained; WriterFailed (logged once) on an error that is not understood."""
         from ingestor import metrics as M
 
         self.M = M
@@ -121,48 +137,90 @@ class Writer:
         if self.spool:
             log.info("a spool of %.1f MB from before: replaying it first", self.spool.bytes / 2**20,
                      extra=self._spool_context("spool_start", reason="left by an earlier writer"))
-            self._start_spell()
-        await self._connect_all()
+            self._start_spell(Event.SPOOL_LEFT)
+        self._dispatcher = asyncio.ensure_future(self._run_dispatch())
         try:
-            await self._dispatch()
+            await self._dispatcher
+        except asyncio.CancelledError:
+            if self.fatal is None:
+                raise
         finally:
             status.cancel()
-            await self._wait_inflight()
+            # Groups in flight finish (a commit is acknowledged even now: it is stored). A
+            # failed writer waits for them only so long: what they hold was never
+            # acknowledged, so it comes again to the next writer.
+            deadline = time.monotonic() + FAILED_WAIT_S
+            while self.inflight and (self.fatal is None or time.monotonic() < deadline):
+                await asyncio.wait(list(self.inflight), timeout=1.0)
+            if self.fatal is None:
+                self._sync_spool()
             self.spool.close()
             for conn in self.conns:
                 if conn is not None:
                     conn.terminate()
             self.report()
-        log.info("drained: %s%s", ", ".join(f"{t}={n}" for t, n in sorted(self.rows.items())) or "no rows",
+        if self.fatal is not None:
+            raise WriterFailed(str(self.fatal)) from self.fatal
+        log.info("drained: %s%s", ", ".join(f"{t}={n}" for t, n in sorted(self.stats.rows.items())) or "no rows",
                  f"; {self.spool.bytes / 2**20:.1f} MB left in the spool" if self.spool else "")
+
+    async def _run_dispatch(self) -> None:
+        try:
+            await self._connect_all()
+            await self._dispatch()
+        except _Stop:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: the writer fails loudly, not silently
+            self._fail(exc, where="dispatcher")
+
+    def _fail(self, exc: BaseException, **context: Any) -> None:
+        """Stop the writer on ``exc``: logged once, nothing more acknowledged, exit 1."""
+        if self.fatal is not None:
+            return
+        self.fatal = exc
+        self.state = step(self.state, Event.FATAL)
+        log.error("writer stopping on an error it does not handle: %s", exc, exc_info=exc,
+                  extra={"event": "writer_failed", "error": f"{type(exc).__name__}: {exc}", **context})
+        if self._dispatcher is not None and self._dispatcher is not asyncio.current_task():
+            self._dispatcher.cancel()
+
+    def _check(self) -> None:
+        if self.fatal is not None:
+            raise _Stop
 
     def _read(self, loop: asyncio.AbstractEventLoop) -> None:
         """Blocking reads from the multiprocessing queue, handed to the loop in order. The
-        bounded asyncio queue behind it is the back-pressure."""
-        while True:
+        bounded asyncio queue behind it is the back-pressure. Any error here (an item that
+        will not unpickle, a broken pipe) ends the writer: a reader that died quietly would
+        leave the writer consuming nothing with /health green."""
+        try:
+            while True:
+                try:
+                    item = self.in_queue.get(timeout=0.5)
+                except queue.Empty:
+                    if os.getppid() != self.ctx.parent or self.ctx.stopping.is_set():
+                        item = DRAIN  # orphaned, or told to stop by a signal, and idle: finish
+                    else:
+                        continue
+                asyncio.run_coroutine_threadsafe(self.aq.put(item), loop).result()
+                if item == DRAIN:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, which stops the writer
+            failure = exc  # `exc` is unbound when the block ends; the callback runs later
             try:
-                item = self.in_queue.get(timeout=0.5)
-            except queue.Empty:
-                if os.getppid() != self.ctx.parent or self.ctx.stopping.is_set():
-                    item = DRAIN  # orphaned, or told to stop by a signal, and idle: finish
-                else:
-                    continue
-            asyncio.run_coroutine_threadsafe(self.aq.put(item), loop).result()
-            if item == DRAIN:
-                return
+                loop.call_soon_threadsafe(lambda: self._fail(failure, where="reader thread"))
+            except RuntimeError:  # the loop is closed: the writer is exiting anyway
+                pass
 
     # -- dispatching ----------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        last_sync = time.monotonic()
         while True:
-            if time.monotonic() - last_sync >= SYNC_PERIOD_S:
-                last_sync = time.monotonic()
-                self.spool.sync()
+            self._check()
             if self.failed or self.behind:
                 await self._to_spool_mode("the database went away" if self.failed else
                                           f"the database has been behind for {SPOOL_AFTER_S:g} s")
-            if self.mode == "spool":
+            if spooling(self.state):
                 if not await self._spool_turn():
                     return
             elif not await self._direct_turn():
@@ -175,6 +233,7 @@ class Writer:
             self._check_behind()
             return True
         if isinstance(first, str):
+            self.state = step(self.state, Event.DRAIN)
             await self._wait_inflight()
             if self.failed:  # the last groups failed: spool them, then stop
                 await self._to_spool_mode("the database went away while draining")
@@ -204,18 +263,13 @@ class Writer:
 
     def _check_behind(self) -> None:
         """Every connection busy and the backlog full for SPOOL_AFTER_S: the database is slow."""
-        if self.aq.full() and self.free.empty():
-            if not self.full_since:
-                self.full_since = time.monotonic()
-            elif time.monotonic() - self.full_since >= SPOOL_AFTER_S:
-                self.behind = True
-                self.full_since = 0.0
-        else:
-            self.full_since = 0.0
+        if self.behind_policy.observe(self.aq.full(), self.free.empty()):
+            self.behind = True
 
     async def _store(self, items: list[Batch], ack: bool) -> None:
         """Start storing ``items`` in order: groups of one table, a backfill alone after a barrier."""
         for group in _groups(items):
+            self._check()
             if group[0].kind == "backfill":
                 await self._wait_inflight()
                 if self.failed:
@@ -233,18 +287,28 @@ class Writer:
         return self.order
 
     async def _run_group(self, slot: int, order: int, group: list[Batch], ack: bool) -> None:
+        """One group to its outcome: acknowledged once committed, kept when lost, and any
+        other error stops the writer (the group is never acknowledged, so it comes again)."""
         try:
-            await self._commit(slot, group)
-            if ack:
-                self._ack(group)
-        except _Failed:
-            self.failed.append((order, group))
+            outcome = await self._commit(slot, group)
+        except Exception as exc:  # noqa: BLE001 - copier.StoreFailed, or a bug: both stop the writer
+            self._fail(exc, table=group[0].table, kind=group[0].kind, batches=len(group),
+                       rows=sum(b.rows for b in group), producers=sorted({b.producer for b in group}))
+            return
         finally:
             self.free.put_nowait(slot)
+        if isinstance(outcome, copier.Lost):
+            self.failed.append((order, group))
+        elif ack and self.fatal is None:
+            self._ack(group)
 
     async def _wait_inflight(self) -> None:
+        """Until every group in flight has its outcome; _Stop if the writer has failed."""
         while self.inflight:
-            await asyncio.gather(*list(self.inflight), return_exceptions=True)
+            for result in await asyncio.gather(*list(self.inflight), return_exceptions=True):
+                if isinstance(result, BaseException):  # _run_group handles its errors: this is a bug
+                    self._fail(result, where="group task")
+        self._check()
 
     # -- the spool ------------------------------------------------------------------------
 
@@ -254,36 +318,50 @@ class Writer:
         failed = sorted(self.failed, key=lambda x: x[0])
         self.failed = []
         self.behind = False
-        if self.mode != "spool":
+        if not self.in_spell:
             log.warning("spooling batches to %s: %s", self.spool.directory, why,
                         extra=self._spool_context("spool_start", reason=why, failed_batches=sum(
                             len(group) for _, group in failed)))
-            self._start_spell()
+            self._start_spell(Event.AWAY)
+        else:
+            self.state = step(self.state, Event.AWAY)
         for _, group in failed:
             for batch in group:
-                await self._spool_append(batch, ack=True)
+                await self._spool_append(batch)
+        self._sync_spool()
 
-    def _start_spell(self) -> None:
-        self.mode = "spool"
-        self.spell = (time.monotonic(), self.spooled_batches, self.replayed_batches)
+    def _start_spell(self, event: Event) -> None:
+        self.state = step(self.state, event)
+        self.in_spell = True
+        self.spell = (time.monotonic(), self.stats.spooled_batches, self.stats.replayed_batches)
         self.full_logged = False
 
     def _spool_context(self, event: str, **fields: Any) -> dict[str, Any]:
         """A spool log line's fields."""
         return {"event": event, "directory": str(self.spool.directory), "spool_bytes": self.spool.bytes, **fields}
 
-    async def _spool_append(self, batch: Batch, ack: bool) -> None:
+    async def _spool_append(self, batch: Batch) -> None:
+        """Append ``batch`` to the spool; it is acknowledged at the next ``_sync_spool``."""
         while not self.spool.append(batch):
             # Full: hold it (and, behind it, the queue) until replaying frees room.
+            self._sync_spool()
             if not self.full_logged:
                 self.full_logged = True
                 log.error("spool full (%.0f MB): batches wait unacknowledged; the producers hold them",
                           self.spool.bytes / 2**20, extra=self._spool_context("spool_full"))
             self.report()
             await self._replay_some(timeout=PROBE_PERIOD_S)
-        self.spooled_batches += 1
-        if ack:
-            self._ack([batch])
+        self.stats.spooled_batches += 1
+        self.unsynced.append(batch)
+
+    def _sync_spool(self) -> None:
+        """Group commit: one fsync for everything appended since the last, then their acks
+        (a spooled batch is acknowledged only once its bytes are on disk)."""
+        if self.unsynced:
+            self.spool.sync()
+            batches, self.unsynced = self.unsynced, []
+            self._ack(batches)
+            self.stats.progress_at = time.monotonic()  # safe on disk: the writer is not stuck
 
     async def _spool_turn(self) -> bool:
         """Spool what is waiting, replay the oldest segment if the database answers; False
@@ -291,42 +369,57 @@ class Writer:
         while not self.aq.empty():
             item = self.aq.get_nowait()
             if isinstance(item, str):
+                self._sync_spool()
+                self.state = step(self.state, Event.DRAIN)
                 return await self._spool_drain()
-            await self._spool_append(item, ack=True)
+            await self._spool_append(item)
+        self._sync_spool()
         await self._replay_some(timeout=0.2)
         if not self.spool:
             since, spooled, replayed = self.spell
             log.info("spool replayed: batches go straight to the database again (%d batches spooled, %d replayed "
-                     "in %.1f s)", self.spooled_batches - spooled, self.replayed_batches - replayed,
+                     "in %.1f s)", self.stats.spooled_batches - spooled, self.stats.replayed_batches - replayed,
                      time.monotonic() - since, extra=self._spool_context(
-                         "spool_replayed", spooled_batches=self.spooled_batches - spooled,
-                         replayed_batches=self.replayed_batches - replayed,
+                         "spool_replayed", spooled_batches=self.stats.spooled_batches - spooled,
+                         replayed_batches=self.stats.replayed_batches - replayed,
                          seconds=round(time.monotonic() - since, 1)))
-            self.mode = "direct"
+            if self.state is State.SPOOLING:
+                self.state = step(self.state, Event.ANSWERS)
+            self.state = step(self.state, Event.EMPTIED)
+            self.in_spell = False
         elif not self.db_ok:
             waited = await self._next_item(0.2)
             if isinstance(waited, str):
+                self.state = step(self.state, Event.DRAIN)
                 return await self._spool_drain()
             if waited is not None:
-                await self._spool_append(waited, ack=True)
+                await self._spool_append(waited)
+                self._sync_spool()
         return True
 
     async def _replay_some(self, timeout: float) -> None:
-        """Commit the oldest spool segment if the database answers."""
+        """Commit the oldest spool segment if the database answers; it is removed only
+        once every group of it is committed."""
+        self._check()
         if not await self._probe():
+            if self.state is State.REPLAYING:
+                self.state = step(self.state, Event.AWAY)
             await asyncio.sleep(min(timeout, PROBE_PERIOD_S))
             return
+        self._check()
+        if self.state is not State.DRAINING:
+            self.state = step(self.state, Event.ANSWERS)
         oldest = self.spool.oldest()
         if oldest is None:
             return
         path, batches = oldest
         await self._store(batches, ack=False)  # acknowledged when they were spooled
-        await self._wait_inflight()
+        await self._wait_inflight()  # _Stop if a group failed: the segment stays
         if self.failed:  # it went away again: the segment stays, to be replayed whole
             self.failed = []
             return
         self.spool.remove(path)
-        self.replayed_batches += len(batches)
+        self.stats.replayed_batches += len(batches)
 
     async def _spool_drain(self) -> bool:
         """DRAIN while spooling: replay for a while if the database is there, keep the rest."""
@@ -335,6 +428,7 @@ class Writer:
             await self._replay_some(timeout=1.0)
             if not self.db_ok:
                 break
+        self._sync_spool()
         if self.spool:
             self.spool.sync()
             log.warning("stopping with %.1f MB spooled in %s: the next start replays it",
@@ -378,66 +472,30 @@ class Writer:
         self.db_ok = False
         self.db_error = str(exc) or type(exc).__name__
 
-    async def _commit(self, slot: int, group: list[Batch]) -> None:
-        """Store one group on connection ``slot``; raises _Failed if the connection breaks."""
+    async def _commit(self, slot: int, group: list[Batch]) -> copier.Outcome:
+        """Store one group on connection ``slot``: its outcome (copier.StoreFailed goes up)."""
         M, w = self.M, self.ctx.name
         table = group[0].table
-        kind = group[0].kind
         conn = self.conns[slot]
         if conn is None or conn.is_closed():
             try:
                 conn = self.conns[slot] = await asyncpg.connect(self.dsn, timeout=10)
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
-                self._db_down(exc)
-                raise _Failed from exc
-        started = time.perf_counter()
-        try:
-            while True:
-                try:
-                    if kind == "backfill":
-                        b = group[0]
-                        assert b.backfill is not None
-                        result = await copier.store_backfill(conn, b.data, b.ids, b.backfill)
-                    else:
-                        result = await copier.store(conn, table, b"".join(b.data for b in group),
-                                                    sum(b.rows for b in group), kind)
-                    break
-                except CONNECTION_ERRORS:
+            except Exception as exc:  # noqa: BLE001 - classified: away, or the writer stops
+                if classify(exc) is not Kind.AWAY and not isinstance(exc, asyncpg.PostgresError):
                     raise
-                except asyncpg.PostgresError as exc:
-                    # Not the rows' fault (a missing table, permissions...): keep the group and retry.
-                    log.error("storing into %s failed: %s; retrying", table, exc)
-                    M.COPY_ERRORS.labels(w, table, "server").inc()
-                    await asyncio.sleep(2.0)
-        except CONNECTION_ERRORS as exc:
-            self._db_down(exc)
+                self._db_down(exc)
+                return copier.Lost(exc)
+        started = time.perf_counter()
+        outcome = await copier.store_group(conn, group)
+        if isinstance(outcome, copier.Lost):
+            self._db_down(outcome.error)
             M.COPY_ERRORS.labels(w, table, "connection").inc()
             conn.terminate()  # the socket is already bad: no goodbye to wait for
             self.conns[slot] = None
-            raise _Failed from exc
-        elapsed = time.perf_counter() - started
+            return outcome
         self.db_ok = True
-        self.last_commit = time.time()
-        self.rows[table] = self.rows.get(table, 0) + result.inserted
-        self.batches[table] = self.batches.get(table, 0) + 1
-        if result.duplicates:
-            self.duplicates[table] = self.duplicates.get(table, 0) + result.duplicates
-        if result.rejected:
-            self.rejected[table] = self.rejected.get(table, 0) + result.rejected
-        info = group[0].backfill
-        if result.closed_how is not None and info is not None:
-            key = (info.market, result.closed_how)
-            self.gaps_closed[key] = self.gaps_closed.get(key, 0) + 1
-        M.COPY_SECONDS.labels(w, table).observe(elapsed)
-        ev = np.concatenate([np.frombuffer(b.event_ms, dtype=np.int64) for b in group])
-        if len(ev):
-            points = np.quantile(ev, np.linspace(0, 1, min(LAG_SAMPLES, len(ev))))
-            lags = (self.last_commit * 1000 - points) / 1000
-            hist = M.LAG_SECONDS.labels(w, table)
-            for lag in lags:
-                hist.observe(max(float(lag), 0.0))
-            if table in STREAM_TABLES:  # features rows are a bar old by design; gaps and syncs are not data
-                self.recent_lags.extend(lags.tolist())
+        self.stats.committed(group, outcome.result, time.perf_counter() - started, M, w)
+        return outcome
 
     def _ack(self, batches: Iterable[Batch]) -> None:
         by: dict[tuple[str, int], list[int]] = {}
@@ -456,37 +514,25 @@ class Writer:
 
     def report(self) -> None:
         M, w = self.M, self.ctx.name
-        for table, n in self.rows.items():
-            self.totals.set(M.ROWS_WRITTEN.labels(w, table), n)
-        for table, n in self.batches.items():
-            self.totals.set(M.COPY_BATCHES.labels(w, table), n)
-        for table, n in self.duplicates.items():
-            self.totals.set(M.ROWS_DUPLICATE.labels(w, table), n)
-        for table, n in self.rejected.items():
-            self.totals.set(M.ROWS_REJECTED.labels(w, table), n)
-        for (market, how), n in self.gaps_closed.items():
-            self.totals.set(M.GAPS_CLOSED.labels(w, market, "aggTrade", how), n)
-        self.totals.set(M.SPOOLED_BATCHES.labels(w), self.spooled_batches)
-        self.totals.set(M.REPLAYED_BATCHES.labels(w), self.replayed_batches)
+        self.stats.publish(M, self.totals, w)
+        self.totals.set(M.SPOOL_QUARANTINED.labels(w), self.spool.quarantined_bytes)
         M.SPOOL_BYTES.labels(w).set(self.spool.bytes)
         M.SPOOL_FULL.labels(w).set(1 if self.spool.full else 0)
         try:
             depth = self.in_queue.qsize()
         except NotImplementedError:  # macOS
             depth = -1
+        stalled = self.stats.stalled_s(max(depth, 0) + self.aq.qsize() + len(self.inflight))
+        M.WRITER_STALLED.labels(w).set(stalled)
         M.QUEUE_DEPTH.labels(w, "writer_in").set(depth + self.aq.qsize())
-        lags, self.recent_lags = self.recent_lags, []
         self.status_queue.put({
-            "worker": w, "kind": "writer", "time": time.time(), "rows": dict(self.rows),
-            "rejected_rows": dict(self.rejected), "duplicate_rows": dict(self.duplicates),
-            "db_ok": self.db_ok, "db_error": self.db_error, "mode": self.mode,
+            "worker": w, "kind": "writer", "time": time.time(), **self.stats.status(),
+            "db_ok": self.db_ok, "db_error": self.db_error, "state": self.state.value,
+            "mode": "spool" if spooling(self.state) else self.state.value,
             "spool_bytes": self.spool.bytes, "spool_full": self.spool.full,
-            "spooled_batches": self.spooled_batches, "replayed_batches": self.replayed_batches,
-            "last_commit": self.last_commit or None, "queue_depth": depth + self.aq.qsize(),
-            "event_to_commit_s": {"median": round(float(np.median(lags)), 3), "max": round(max(lags), 3)}
-            if lags else None,
+            "spool_quarantined_bytes": self.spool.quarantined_bytes,
+            "queue_depth": depth + self.aq.qsize(), "groups_in_flight": len(self.inflight), "stalled_s": stalled,
         })
-
 
 def _groups(items: list[Batch]) -> list[list[Batch]]:
     """Consecutive batches of one table and kind joined (up to MAX_COPY_BYTES); a backfill alone."""
@@ -521,7 +567,17 @@ def main(settings: Settings, name: str, dsn: str, in_queue: Any, status_queue: A
         finally:
             if isinstance(batches, FanIn):
                 batches.close()
-        ctx.release_queues(status_queue, *(acks or {}).values())
+            # Also when failing: an ack queue nobody reads (its producer dead) must not hold
+            # the exit; a lost ack costs a resend, which the unique keys turn away.
+            ctx.release_queues(status_queue, *(acks or {}).values())
 
     # The writer takes no stop event: it stops on DRAIN, after the producers.
-    run_child(settings, name, None, body)
+    try:
+        run_child(settings, name, None, body)
+    except WriterFailed:
+        # Logged once where it happened; a non-zero exit makes the supervisor start another
+        # writer, and the producers send it every batch this one never acknowledged.
+        sys.exit(1)
+    except SpoolError as exc:
+        log.error("writer cannot start: %s", exc, extra={"event": "writer_failed", "error": str(exc)})
+        sys.exit(1)
