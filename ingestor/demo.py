@@ -185,10 +185,24 @@ async def _run(sim: Simulator, settings: Settings, duration_s: float, progress: 
 
 def _chaos(sim: Simulator, sup: Supervisor, seed: int, embedded: EmbeddedPostgres | None,
            every_s: float) -> Chaos:
-    def pid(prefix: str) -> int | None:
-        live = [c for c in sup.children if c.name.startswith(prefix) and c.process is not None
+    def pids(prefix: str) -> list[int]:
+        return [c.process.pid for c in sup.children if c.name.startswith(prefix) and c.process is not None
                 and c.process.exitcode is None]
-        return live[0].process.pid if live else None
+
+    def pid(prefix: str) -> int | None:
+        live = pids(prefix)
+        return live[0] if live else None
+
+    def writer_state() -> str | None:
+        return next((c.status.get("state") for c in sup.children if c.kind == "writer"), None)
+
+    async def sql(statement: str) -> None:
+        assert sup.dsn
+        conn = await asyncpg.connect(sup.dsn, timeout=10)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
 
     db_stop = db_start = None
     if embedded is not None:  # a server of the user's own is not ours to stop
@@ -200,7 +214,8 @@ def _chaos(sim: Simulator, sup: Supervisor, seed: int, embedded: EmbeddedPostgre
         async def db_start() -> None:
             await asyncio.to_thread(server.start)
 
-    return Chaos(sim, pid, seed, every_s, db_stop=db_stop, db_start=db_start)
+    return Chaos(sim, pid, seed, every_s, db_stop=db_stop, db_start=db_start, all_pids=pids,
+                 writer_state=writer_state, sql=sql)
 
 
 async def _settle(sup: Supervisor, timeout_s: float = 60.0) -> None:
