@@ -105,7 +105,7 @@ class Chaos:
             await asyncio.sleep(self.period_s * rng.uniform(0.6, 1.4))
 
     async def _inject(self, kind: str, market: Market, rng: random.Random) -> str | None:
-        if kind.startswith("kill_"):
+        if kind.startswith("kill_") and kind != "kill_mid_batch":
             name = kind.removeprefix("kill_")
             pid = self.pids(name)
             if pid is None:
@@ -118,7 +118,8 @@ class Chaos:
             await asyncio.sleep(DB_OUTAGE_S)
             await self.db_start()
             killed = await self._kill_writer_replaying()
-            return f"database stopped for {DB_OUTAGE_S:g} s" + (", the writer killed replaying" if killed else "")
+            return f"database stopped for {DB_OUTAGE_S:g} s" + (", then the writer killed with its spool" if killed
+                                                                 else "")
         if kind == "stall_writer":
             pids = self._pids("writer")
             for pid in pids:
@@ -176,12 +177,14 @@ class Chaos:
         return self.all_pids(prefix)
 
     async def _kill_writer_replaying(self) -> bool:
-        """Once the database is back: kill the writer while it replays its spool, if it does
-        within 10 s (a crash mid-replay: the segment must be replayed whole by the next)."""
+        """Once the database is back: kill the writer before or while it replays its spool, if
+        it has one within 10 s (the next writer must replay the segment whole)."""
         if self.writer_state is None or self.all_pids is None:
             return False
         for _ in range(100):
-            if self.writer_state() == "replaying":
+            # The status comes once a second and a short outage's spool replays in less:
+            # "spooling" after the database is back means the replay is about to start.
+            if self.writer_state() in ("spooling", "replaying"):
                 for pid in self._pids("writer"):
                     os.kill(pid, signal.SIGKILL)
                 return True
