@@ -241,9 +241,10 @@ class RestWorker:
         parts = []
         for t in items:
             # A REST trade has no event time or symbol: it is stored with its own fields plus
-            # "s", under its trade time T (see README, "Gaps").
+            # "s", its event_time its trade time T (see README, "Gaps"). The key is on T.
             payload = orjson.dumps({**t, "s": req.symbol})
-            parts.append(rows.agg_trade(req.market, {"E": t["T"], "s": req.symbol, "a": t["a"]}, payload))
+            parts.append(rows.agg_trade(req.market, {"E": t["T"], "T": t["T"], "s": req.symbol, "a": t["a"]},
+                                        payload))
         first_t = items[0]["T"] if items else req.from_ms
         last_t = items[-1]["T"] if items else req.to_ms
         info = Backfill(req.market, req.symbol, req.from_id, req.to_id, req.from_ms, req.to_ms, req.detected_ms,

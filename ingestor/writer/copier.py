@@ -7,8 +7,8 @@
 - A row the server refuses (bad data): the group is split until each refused row is
   alone, and those are logged and counted; the rest is stored.
 - A backfill (trades fetched over REST to fill a gap): trades already stored with that id
-  are left out first (a REST trade has no event time ``E``, so the unique key alone could
-  not tell), then the gap's row is closed with the number of trades that came in.
+  are left out first (counted as duplicates; the unique key holds the trade time ``T``,
+  the same on both paths), then the gap's row is closed with the number of trades that came in.
 - A closing row of ``stream_gaps`` (kind ``close``): it updates the open row of the same
   gap, or stands alone if that one never came.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from array import array
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -32,8 +32,6 @@ from ingestor.writer.copy_binary import copy_file, tuple_offsets
 log = logging.getLogger(__name__)
 
 ROW_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-# How far after a trade's time T its WebSocket copy may carry its event time E.
-BACKFILL_E_SLACK = timedelta(minutes=2)
 _GAP_KEY = "market, symbol, stream, COALESCE(from_id, -1), COALESCE(to_id, -1), COALESCE(from_time, 'epoch')"
 
 
@@ -135,11 +133,13 @@ async def store_backfill(conn: asyncpg.Connection, data: bytes, ids: bytes, info
     trade_ids.frombytes(ids)
     result = CopyResult()
     if trade_ids:
+        # The table's key (sql/007) holds the trade time T, the same on both paths: the
+        # query reads the key's range, and the key itself refuses any copy it misses.
         times = await conn.fetch(
             """SELECT aggregate_trade_id FROM agg_trades
-               WHERE market = $1 AND symbol = $2 AND event_time >= $3 AND event_time <= $4
+               WHERE market = $1 AND symbol = $2 AND trade_time >= $3 AND trade_time <= $4
                  AND aggregate_trade_id BETWEEN $5 AND $6""",
-            info.market, info.symbol, _dt(info.first_trade_ms), _dt(info.last_trade_ms) + BACKFILL_E_SLACK,
+            info.market, info.symbol, _dt(info.first_trade_ms), _dt(info.last_trade_ms),
             min(trade_ids), max(trade_ids))
         have = {r[0] for r in times}
         offsets = tuple_offsets(data)
