@@ -64,6 +64,8 @@ BOOKS = Gauge("ingestor_books", "Order books by sync state (idle, syncing, synce
               multiprocess_mode="livesum")
 BOOK_SYNCS = Counter("ingestor_book_syncs", "Books built from a REST snapshot, by reason (start, gap, drift)",
                      ["worker", "market", "reason"])
+BOOK_SNAPSHOT_REQUESTS = Counter("ingestor_book_snapshot_requests", "Snapshots the feature worker asked for, "
+                                 "by kind (first, retry: the book still did not sync)", ["worker", "market", "kind"])
 DRIFT_CHECKS = Counter("ingestor_book_drift_checks",
                        "Books compared with a later REST snapshot, by result (ok, mismatch, skipped)",
                        ["worker", "market", "result"])

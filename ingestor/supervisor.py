@@ -380,6 +380,9 @@ class Supervisor:
                     lag = m.get("input_lag_s")
                     if lag is not None and lag > FEATURE_LAG_PROBLEM_S and st.get("queue_depth", 0) > 0:
                         problems.append(f"{c.name}: {market} input {lag:.0f} s behind")
+                    if m.get("unsynced_books"):  # past the feature engine's UNSYNCED_PROBLEM_MS
+                        problems.append(f"{c.name}: {market} book(s) not synced for over a minute: "
+                                        + ", ".join(m["unsynced_books"][:10]))
         writer = workers.get("writer", {})
         last_commit = writer.get("last_commit")
         db = {"reachable": self.db_reachable and bool(writer.get("db_ok", True)),

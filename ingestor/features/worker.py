@@ -30,7 +30,14 @@ import orjson
 from ingestor.binance import rows
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
-from ingestor.features.engine import DIFF_WAIT_MS, BookGap, FeatureEngine, Outbox
+from ingestor.features.engine import (
+    DIFF_WAIT_MS,
+    RESYNC_MAX_WAIT_MS,
+    UNSYNCED_PROBLEM_MS,
+    BookGap,
+    FeatureEngine,
+    Outbox,
+)
 from ingestor.features.feed import DRAIN, Feed, Snapshot, SnapshotRequest
 from ingestor.workers.batching import Batcher
 from ingestor.workers.child import ChildContext, run_child, tune_gc
@@ -182,7 +189,8 @@ class FeatureWorker:
         # A resync closes the book's gap in the same turn: one line says both.
         closed: dict[tuple[Market, str], list[BookGap]] = {}
         for g in out.gaps:
-            closed.setdefault((g.market, g.symbol), []).append(g)
+            if g.closed_ms is not None:
+                closed.setdefault((g.market, g.symbol), []).append(g)
             self._gap_row(g.market, g.symbol, g.first_missing, g.last_missing, g.from_ms, g.to_ms,
                           g.detected_ms, g.closed_ms)
         for sy in out.syncs:
@@ -206,6 +214,15 @@ class FeatureWorker:
                                                                     g.last_missing, "resynced"))
         for market, symbol in out.requests:
             self.request_queue.put(SnapshotRequest(market, symbol))
+        for g, asks in out.unsynced:  # once per book and unsynced spell; its resync closes the row
+            self.batcher.add("stream_gaps", rows.stream_gap(g.market, g.symbol, "book", g.first_missing,
+                                                            g.last_missing, g.from_ms, g.to_ms, g.detected_ms),
+                             g.detected_ms)
+            log.warning("%s %s: book not synced for %d s (%d snapshot(s) asked for, none usable); asking again "
+                        "with backoff up to %d s; recorded as an open book gap", g.market, g.symbol,
+                        UNSYNCED_PROBLEM_MS // 1000, asks, RESYNC_MAX_WAIT_MS // 1000,
+                        extra={**self._gap_context(g.market, g.symbol, g.first_missing, g.last_missing, "open"),
+                               "event": "book_unsynced", "snapshot_requests": asks})
         for d in out.drift:
             if d.mismatches:
                 log.warning("%s %s: book drifted from the snapshot at update id %d: %d level(s) differ "
@@ -321,6 +338,8 @@ class FeatureWorker:
                 t.set(M.FEATURE_EVENTS.labels(w, m, kind), n)
             for reason, n in c.resyncs.items():
                 t.set(M.BOOK_SYNCS.labels(w, m, reason), n)
+            t.set(M.BOOK_SNAPSHOT_REQUESTS.labels(w, m, "first"), c.snapshot_requests - c.snapshot_retries)
+            t.set(M.BOOK_SNAPSHOT_REQUESTS.labels(w, m, "retry"), c.snapshot_retries)
             for result, n in (("ok", c.drift_ok), ("mismatch", c.drift_mismatch), ("skipped", c.drift_skipped)):
                 t.set(M.DRIFT_CHECKS.labels(w, m, result), n)
             t.set(M.DRIFT_LEVELS.labels(w, m), c.drift_levels)
@@ -333,7 +352,8 @@ class FeatureWorker:
             lag = None if data is None else round(wall - data / 1000, 3)
             if lag is not None:
                 M.FEATURE_INPUT_LAG.labels(w, m).set(lag)
-            markets[m] = {"books": states, "bars": c.bars, "input_lag_s": lag, "late": c.late,
+            markets[m] = {"books": states, "unsynced_books": eng.unsynced_books(m),
+                          "snapshot_requests": c.snapshot_requests, "bars": c.bars, "input_lag_s": lag, "late": c.late,
                           "resyncs": dict(c.resyncs), "drift_mismatches": c.drift_mismatch,
                           "drift_checks": c.drift_ok + c.drift_mismatch}
         for (m, kind), n in self.rejected.items():
