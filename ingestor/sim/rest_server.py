@@ -153,6 +153,8 @@ class RestApi:
                                            "process your request. Please try again."}), 503)
             elif fault.kind == "rest_429":
                 return self._too_many(429, fault.duration or 30.0)
+            elif fault.kind == "rest_bad_body":
+                return _json(b'["not", "what", "you", "asked", "for"]')
             elif fault.kind == "rest_stale":
                 request[_STALE] = True
         status, retry = self.budget.charge(self._weight(request), time.time())

@@ -6,7 +6,9 @@ at i/n of the way through), so the weight is spent smoothly, not in bursts; the
 ``RestClient`` keeps the per-minute budget and honours ``Retry-After``.
 
 It also serves the feature worker: a snapshot it asks for (to build or rebuild a book) is
-fetched before any periodic one, and every snapshot fetched, asked for or periodic, is
+fetched at once, up to four at a time beside the periodic jobs, which go on meanwhile (one
+at a time per market: at least a fifth of the turns when the budget binds, never starved;
+tests/test_rest_worker_fairness.py), and every snapshot fetched, asked for or periodic, is
 both stored and handed to the feature worker (which builds books only from stored
 snapshots, so a replay can build the same ones).
 
@@ -93,6 +95,7 @@ class RestWorker:
                                producer=ctx.name)
         self.done: dict[str, int] = {}
         self.failed = 0
+        self.bad_responses = 0  # 200 replies that are not what the endpoint returns (of failed)
         self.totals: Any = None  # metrics.Totals, created on the first report (after import)
 
     async def run(self) -> None:
@@ -125,9 +128,6 @@ class RestWorker:
         heap = [(start + off, job) for off, job in jobs]
         heapq.heapify(heap)
         while heap and not self.ctx.should_stop():
-            if self.asked:  # books waiting for a snapshot, and gaps, come first
-                await asyncio.sleep(0.05)
-                continue
             due, job = heap[0]
             wait = due - time.monotonic()
             if wait > 0:
@@ -150,11 +150,12 @@ class RestWorker:
             else:
                 body = await self.client.get(job.market, "openInterest", {"symbol": job.symbol},
                                              weight=OPEN_INTEREST_WEIGHT)
-                msg = orjson.loads(body)
+                msg = _json_object(body)
                 self.batcher.add("open_interest", rows.open_interest(job.market, msg, body), msg["time"])
             self.done[job.kind] = self.done.get(job.kind, 0) + 1
         except (RestError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             self.failed += 1
+            self.bad_responses += isinstance(exc, BadResponse)
             log.warning("%s %s %s: %s", job.market, job.kind, job.symbol, exc, extra={
                 "event": "rest_failed", "market": job.market, "symbol": job.symbol, "job": job.kind,
                 "reason": str(exc)})
@@ -163,7 +164,7 @@ class RestWorker:
         limit = self.settings.snapshot_limit
         body = await self.client.get(market, "depth", {"symbol": symbol, "limit": limit},
                                      weight=depth_weight(market, limit))
-        msg = orjson.loads(body)
+        msg = _json_object(body)
         t_ms = msg.get("T") or int(time.time() * 1000)
         # The stored time is part of the table's key: two different snapshots of one symbol
         # (a periodic one and one asked for, in the same millisecond) must not share it, or
@@ -184,6 +185,12 @@ class RestWorker:
             return
         slots = asyncio.Semaphore(4)
         tasks: set[asyncio.Task[None]] = set()
+        crashed: list[BaseException] = []  # a request that failed in a way not handled in serve
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                crashed.append(task.exception())  # type: ignore[arg-type]
 
         async def serve(req: SnapshotRequest | TradeGapRequest, key: tuple[Any, ...]) -> None:
             try:
@@ -200,6 +207,7 @@ class RestWorker:
                 pass  # stopping: what it held is handed over (a backfill's trades); asked again next run
             except (RestError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 self.failed += 1  # asked again: the feature worker after its timeout, a gap by the scan
+                self.bad_responses += isinstance(exc, BadResponse)
                 log.warning("%s %s %s (asked for): %s", req.market, type(req).__name__, req.symbol, exc, extra={
                     "event": "rest_failed", "market": req.market, "symbol": req.symbol, "job": type(req).__name__,
                     "reason": str(exc)})
@@ -215,7 +223,9 @@ class RestWorker:
                     except queue.Empty:
                         break
                     got = True
-                    self._take(req, tasks, serve)
+                    self._take(req, tasks, serve, finished)
+                if crashed:  # a bug: the worker ends loudly, the supervisor restarts it
+                    raise crashed[0]
                 if not got:
                     await asyncio.sleep(0.02)
         finally:  # stopping: each request in flight ends at once, a backfill handing over its trades
@@ -224,7 +234,7 @@ class RestWorker:
             for task in list(tasks):
                 await _cancelled(task)
 
-    def _take(self, req: Any, tasks: set[asyncio.Task[None]], serve: Any) -> None:
+    def _take(self, req: Any, tasks: set[asyncio.Task[None]], serve: Any, finished: Any) -> None:
         if req.market not in self.symbols:
             return
         key: tuple[Any, ...] = ((req.market, req.symbol) if isinstance(req, SnapshotRequest)
@@ -234,7 +244,7 @@ class RestWorker:
         self.asked.add(key)
         task = asyncio.ensure_future(serve(req, key))
         tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        task.add_done_callback(finished)
 
     async def _backfill(self, req: TradeGapRequest) -> None:
         """Fetch the trades of a gap (``fromId`` pages of 1,000) and hand them to the writer,
@@ -246,7 +256,7 @@ class RestWorker:
                 body = await self.client.get(req.market, "aggTrades",
                                              {"symbol": req.symbol, "fromId": next_id, "limit": 1000},
                                              weight=AGG_TRADES_WEIGHT[req.market])
-                page = orjson.loads(body)
+                page = _json_array(body)
                 if not page:
                     break
                 items.extend(t for t in page if t["a"] <= req.to_id)
@@ -331,11 +341,30 @@ class RestWorker:
             self.totals.set(M.ROWS_SENT.labels(w, table), n)
         self.status_queue.put({
             "worker": w, "kind": "rest", "time": time.time(), "requests_done": dict(self.done),
-            "failed": self.failed,
+            "failed": self.failed, "bad_responses": self.bad_responses,
             "weight_used": {m: b.used for m, b in client.budgets.items()} if client else {},
             "pending_rows": self.batcher.pending_rows(), "requests_open": len(self.asked),
             "snapshots_served": self.served, "trades_backfilled": self.backfilled,
         })
+
+class BadResponse(ValueError):
+    """A 200 reply whose JSON is not what the endpoint returns (a list for an object, a
+    string...): counted as a failed request, logged, and asked again later."""
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    msg = orjson.loads(body)
+    if not isinstance(msg, dict):
+        raise BadResponse(f"expected a JSON object, got {type(msg).__name__}: {body[:100]!r}")
+    return msg
+
+
+def _json_array(body: bytes) -> list[dict[str, Any]]:
+    msg = orjson.loads(body)
+    if not isinstance(msg, list) or not all(isinstance(t, dict) for t in msg):
+        raise BadResponse(f"expected a JSON array of objects: {body[:100]!r}")
+    return msg
+
 
 def _rest_trade_row(req: TradeGapRequest, t: dict[str, Any]) -> bytes:
     """A REST trade has no event time or symbol: it is stored with its own fields plus "s",
