@@ -79,3 +79,46 @@ async def test_sigterm_during_an_hour_of_retry_after_stops_in_time_keeping_every
         assert stored[0]["n"] == served(sim, market, "depth"), market
     stored = await fetch(system_db, "SELECT count(*) AS n FROM open_interest")
     assert stored[0]["n"] == served(sim, "futures", "openInterest")
+
+
+@pytest.mark.parametrize("sim", [SimConfig(n_symbols=1, seed=8)], indirect=True)
+async def test_sigterm_half_way_through_a_backfill_stores_the_trades_fetched(sim: Simulator, system_db: str) -> None:
+    """A gap of 1,200 trades takes two pages; the second meets an hour's Retry-After. At
+    SIGTERM the 1,000 trades of the first page are stored, and the gap stays open."""
+    pipe = await Pipeline(["--dsn", system_db, "--batch-age-ms", "100", "--snapshot-interval-s", "0",
+                           "--open-interest-interval-s", "0", *sim_flags(sim)]).start()
+    stopped = False
+    try:
+        await pipe.wait_health(200, timeout=30)
+
+        async def books_built() -> bool:
+            _, body = await pipe.health()
+            return served(sim, "futures", "depth") >= 1 and body["workers"]["rest"].get("requests_open") == 0
+
+        await wait_until(books_built, 30, "the books' snapshots served")
+        # Futures' next two requests are the gap's two pages: the first is answered, the
+        # second gets 429 with an hour's Retry-After.
+        await post_json(sim.urls["admin"] + "/faults", [
+            {"kind": "rest_slow", "market": "futures", "delay": 1},
+            {"kind": "rest_429", "market": "futures", "duration": 3600}])
+        await post_json(sim.urls["admin"] + "/faults", {"kind": "skip_trades", "market": "futures",
+                                                        "symbol": "BTCUSDT", "count": 1200})
+
+        async def second_page_blocked() -> bool:
+            return not sim.markets["futures"].rest.pending
+
+        await wait_until(second_page_blocked, 60, "the second page refused with 429")
+        assert served(sim, "futures", "aggTrades") == 1
+        stopped = True
+        assert await pipe.stop(timeout=90) == 0, pipe.text()
+        assert not [ln for ln in pipe.log if "did not stop within" in ln], pipe.text()
+    finally:
+        if not stopped:
+            await pipe.stop()
+
+    (gap,) = await fetch(system_db, "SELECT from_id, to_id, closed_how FROM stream_gaps WHERE market = 'futures' "
+                                    "AND stream = 'aggTrade'")
+    assert (gap["to_id"] - gap["from_id"] + 1, gap["closed_how"]) == (1200, "open")
+    got = await fetch(system_db, f"SELECT count(*) AS n FROM agg_trades WHERE market = 'futures' "
+                                 f"AND aggregate_trade_id BETWEEN {gap['from_id']} AND {gap['to_id']}")
+    assert got[0]["n"] == 1000  # the first page, handed over at stop
