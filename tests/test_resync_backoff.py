@@ -42,6 +42,7 @@ def test_the_bound_is_a_handful_a_minute() -> None:
     assert max_asks(0.0) == 1
 
 
+@pytest.mark.timeout(300)  # a minute to become a problem, up to a minute's backoff to recover
 @pytest.mark.parametrize("sim", [SimConfig(n_symbols=2, seed=5)], indirect=True)
 async def test_a_book_that_never_syncs_backs_off_and_is_a_problem_and_an_open_gap(
         sim: Simulator, system_db: str) -> None:
@@ -96,5 +97,24 @@ async def test_a_book_that_never_syncs_backs_off_and_is_a_problem_and_an_open_ga
         # Logged once per book, not per attempt.
         lines = [ln for ln in pipe.log if "book not synced for" in ln]
         assert sorted(s for s in SYMBOLS for ln in lines if s in ln) == sorted(SYMBOLS), lines
+
+        # The REST server answers properly again: at the next ask (within the longest wait)
+        # each book syncs, its gap row is closed as resynced, and /health is green.
+        sim.markets["spot"].rest.pending.clear()
+
+        async def recovered() -> bool:
+            code, _ = await pipe.health()
+            return code == 200 and [r["closed_how"] for r in await gap_rows()] == ["resynced"] * len(SYMBOLS)
+
+        try:
+            await wait_until(recovered, RESYNC_MAX_WAIT_MS / 1000 + 30, "the books synced and their gaps closed")
+        except AssertionError:
+            code, body = await pipe.health()
+            conn = await asyncpg.connect(system_db)
+            every = [dict(r) for r in await conn.fetch("SELECT * FROM stream_gaps")]
+            await conn.close()
+            raise AssertionError((code, body["problems"], every, pipe.text())) from None
+        assert [(r["symbol"], r["from_id"], r["to_id"]) for r in await gap_rows()] == [
+            (r["symbol"], r["from_id"], r["to_id"]) for r in rows]  # the open rows, closed: same key
     finally:
         assert await pipe.stop() == 0

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import queue
 import time
+from array import array
 from typing import Any
 
 import asyncpg
@@ -39,7 +40,7 @@ from ingestor.features.engine import (
     Outbox,
 )
 from ingestor.features.feed import DRAIN, Feed, Snapshot, SnapshotRequest
-from ingestor.workers.batching import Batcher
+from ingestor.workers.batching import Batch, Batcher
 from ingestor.workers.child import ChildContext, run_child, tune_gc
 from ingestor.workers.delivery import Delivery, WriterLink
 
@@ -219,8 +220,9 @@ class FeatureWorker:
                                                             g.last_missing, g.from_ms, g.to_ms, g.detected_ms),
                              g.detected_ms)
             log.warning("%s %s: book not synced for %d s (%d snapshot(s) asked for, none usable); asking again "
-                        "with backoff up to %d s; recorded as an open book gap", g.market, g.symbol,
-                        UNSYNCED_PROBLEM_MS // 1000, asks, RESYNC_MAX_WAIT_MS // 1000,
+                        "with backoff up to %d s; recorded as an open book gap (update ids %d..%d)", g.market,
+                        g.symbol, UNSYNCED_PROBLEM_MS // 1000, asks, RESYNC_MAX_WAIT_MS // 1000, g.first_missing,
+                        g.last_missing,
                         extra={**self._gap_context(g.market, g.symbol, g.first_missing, g.last_missing, "open"),
                                "event": "book_unsynced", "snapshot_requests": asks})
         for d in out.drift:
@@ -235,10 +237,14 @@ class FeatureWorker:
     def _gap_row(self, market: Market, symbol: str, first: int, last: int, from_ms: int, to_ms: int,
                  detected_ms: int, closed_ms: int | None) -> None:
         how = "open" if closed_ms is None else "resynced"
-        if closed_ms is not None:
+        row = rows.stream_gap(market, symbol, "book", first, last, from_ms, to_ms, detected_ms, how, closed_ms)
+        if closed_ms is None:
+            self.batcher.add("stream_gaps", row, detected_ms)
+        else:
             self.resynced_gaps[market] = self.resynced_gaps.get(market, 0) + 1
-        self.batcher.add("stream_gaps", rows.stream_gap(market, symbol, "book", first, last, from_ms, to_ms,
-                                                        detected_ms, how, closed_ms), detected_ms)
+            # A closing row: it updates the gap's open row if one was stored (a book unsynced
+            # past UNSYNCED_PROBLEM_MS), else stands alone; in either order the row ends closed.
+            self.delivery.send(Batch("stream_gaps", 1, row, array("q", [detected_ms]).tobytes(), kind="close"))
         if closed_ms is None:  # a resynced one has its line from the resync
             log.warning("%s %s: book missed update ids %d..%d; not resynced before stopping", market, symbol, first,
                         last, extra=self._gap_context(market, symbol, first, last, how))
