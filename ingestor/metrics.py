@@ -56,6 +56,8 @@ LAG_SECONDS = Histogram("ingestor_event_to_commit_seconds",
                                  30, 60))
 REST_REQUESTS = Counter("ingestor_rest_requests", "REST requests by endpoint and HTTP status",
                         ["worker", "market", "endpoint", "status"])
+REST_BAD_RESPONSES = Counter("ingestor_rest_bad_responses", "REST 200 replies whose JSON is not what the "
+                             "endpoint returns (asked again later)", ["worker"])
 REST_WEIGHT = Gauge("ingestor_rest_weight_used", "Request weight used in the current minute",
                     ["worker", "market"], multiprocess_mode="livesum")
 

@@ -17,6 +17,7 @@ from ingestor.sim.server import SimConfig, Simulator
 
 from .conftest import post_json
 from .pipeline import Pipeline, sim_flags, wait_until
+from .test_pipeline_processes import samples
 
 
 def served(sim: Simulator, market: str, endpoint: str) -> int:
@@ -85,6 +86,7 @@ async def test_a_reply_of_the_wrong_shape_is_a_bad_response_not_the_end_of_the_w
         st = await rest_status(pipe)
         assert (st["pid"], st["restarts"]) == (pid, 0), "the REST worker ended"
         assert st["bad_responses"] == 3
+        assert sum(v for _, v in samples(await pipe.metrics(), "ingestor_rest_bad_responses")) == 3
         assert len([ln for ln in pipe.log if "expected a JSON object" in ln]) == 3
     finally:
         assert await pipe.stop() == 0

@@ -339,6 +339,7 @@ class RestWorker:
                 M.REST_WEIGHT.labels(w, market).set(budget.used)
         for table, n in self.batcher.sent_rows.items():
             self.totals.set(M.ROWS_SENT.labels(w, table), n)
+        self.totals.set(M.REST_BAD_RESPONSES.labels(w), self.bad_responses)
         self.status_queue.put({
             "worker": w, "kind": "rest", "time": time.time(), "requests_done": dict(self.done),
             "failed": self.failed, "bad_responses": self.bad_responses,
