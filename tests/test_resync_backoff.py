@@ -15,7 +15,14 @@ import asyncio
 import asyncpg
 import pytest
 
-from ingestor.features.engine import RESYNC_FIRST_WAIT_MS, RESYNC_MAX_WAIT_MS, UNSYNCED_PROBLEM_MS
+from ingestor.features.engine import (
+    RESYNC_FIRST_WAIT_MS,
+    RESYNC_MAX_WAIT_MS,
+    UNSYNCED_PROBLEM_MS,
+    FeatureEngine,
+    Outbox,
+)
+from ingestor.features.indicators import FeatureSettings
 from ingestor.sim.server import SimConfig, Simulator
 
 from .conftest import post_json
@@ -35,6 +42,59 @@ def max_asks(elapsed_s: float) -> int:
             return n
         t += wait
         n += 1
+
+
+class Feed:
+    """One Spot book on the engine's clock: a diff every 100 ms, the snapshot asked for
+    answered at once, stale (older than every diff) until ``fresh_from_ms``."""
+
+    def __init__(self, fresh_from_ms: int) -> None:
+        self.engine = FeatureEngine(FeatureSettings(bar_seconds=1, window=10), {("spot", "X"): 0.01})
+        self.t = T0
+        self.u = 100
+        self.fresh_from_ms = fresh_from_ms
+        self.asks: list[int] = []
+        self.out: list[Outbox] = []
+
+    def run(self, until_ms: int) -> None:
+        eng = self.engine
+        while self.t < until_ms:
+            self.t += 100
+            eng.depth("spot", [{"e": "depthUpdate", "E": self.t, "s": "X", "U": self.u + 1, "u": self.u + 3,
+                                "b": [["1.00", "1"]], "a": [["1.02", "1"]]}])
+            self.u += 3
+            eng.clock("spot", self.t)
+            out = eng.outbox.take()
+            self.out.append(out)
+            for _ in out.requests:
+                self.asks.append(self.t)
+                lid = 1 if self.t < self.fresh_from_ms else self.u
+                eng.snapshot("spot", "X", self.t, {"lastUpdateId": lid, "bids": [["1.00", "1"]],
+                                                   "asks": [["1.02", "1"]]})
+
+
+T0 = 1_800_000_000_000
+
+
+def test_the_engine_backs_off_reports_once_and_closes_the_same_gap() -> None:
+    feed = Feed(fresh_from_ms=T0 + 300_000)
+    feed.run(T0 + 400_000)
+    asks = feed.asks
+    waits = [b - a for a, b in zip(asks, asks[1:], strict=False)]
+    # Each wait at least half its nominal length, at most all of it (plus a diff's 100 ms).
+    for i, w in enumerate(waits[:-1]):
+        nominal = min(RESYNC_MAX_WAIT_MS, RESYNC_FIRST_WAIT_MS * 2**i)
+        assert nominal // 2 <= w <= nominal + 100, (i, waits)
+    assert len(asks) <= max_asks(300.0) + 1
+    unsynced = [u for o in feed.out for u in o.unsynced]
+    (gap, n), = unsynced  # once
+    assert gap.closed_ms is None and gap.from_ms == T0 + 100 and n >= 6
+    closed = [g for o in feed.out for g in o.gaps]
+    assert [(g.first_missing, g.last_missing, g.from_ms) for g in closed] == [
+        (gap.first_missing, gap.last_missing, gap.from_ms)]  # the same key: the close updates the open row
+    assert closed[0].closed_ms is not None and not feed.engine.unsynced_books("spot")
+    c = feed.engine.counters["spot"]
+    assert (c.snapshot_requests, c.snapshot_retries) == (len(asks), len(asks) - 1)
 
 
 def test_the_bound_is_a_handful_a_minute() -> None:
