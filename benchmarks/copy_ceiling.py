@@ -101,7 +101,7 @@ _JSON_FIELDS: dict[str, dict[str, tuple[str, int]]] = {
                       "pu": ("id", UPDATE_STRIDE)},
 }
 _COLUMNS: dict[str, dict[str, str]] = {  # column -> the JSON field it mirrors
-    "agg_trades": {"event_time": "E", "aggregate_trade_id": "a"},
+    "agg_trades": {"event_time": "E", "trade_time": "T", "aggregate_trade_id": "a"},
     "depth_updates": {"event_time": "E", "first_update_id": "U", "final_update_id": "u"},
 }
 
@@ -361,12 +361,12 @@ async def payload_twin(conn: asyncpg.Connection, table: str, payload_type: str, 
     if payload_type != "jsonb":
         using = "convert_to(payload::text, 'UTF8')" if payload_type == "bytea" else f"payload::text::{payload_type}"
         await conn.execute(f"ALTER TABLE {twin} ALTER COLUMN payload TYPE {payload_type} USING {using}")
-    interval = await conn.fetchval(
-        "SELECT time_interval FROM timescaledb_information.dimensions WHERE hypertable_name = $1",
+    dim = await conn.fetchrow(
+        "SELECT column_name, time_interval FROM timescaledb_information.dimensions WHERE hypertable_name = $1",
         table) if (await capabilities(conn)).timescaledb else None
-    if interval is not None:
-        await conn.execute("SELECT create_hypertable($1::regclass, 'event_time', chunk_time_interval => $2::interval, "
-                           "create_default_indexes => FALSE)", twin, interval)
+    if dim is not None:  # the same time column (agg_trades: trade_time, sql/007) and interval
+        await conn.execute("SELECT create_hypertable($1::regclass, $2::name, chunk_time_interval => $3::interval, "
+                           "create_default_indexes => FALSE)", twin, dim["column_name"], dim["time_interval"])
     return twin
 
 

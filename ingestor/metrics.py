@@ -66,6 +66,8 @@ LAG_SECONDS = Histogram("ingestor_event_to_commit_seconds",
                                  30, 60))
 REST_REQUESTS = Counter("ingestor_rest_requests", "REST requests by endpoint and HTTP status",
                         ["worker", "market", "endpoint", "status"])
+REST_BAD_RESPONSES = Counter("ingestor_rest_bad_responses", "REST 200 replies whose JSON is not what the "
+                             "endpoint returns (asked again later)", ["worker"])
 REST_WEIGHT = Gauge("ingestor_rest_weight_used", "Request weight used in the current minute",
                     ["worker", "market"], multiprocess_mode="livesum")
 
@@ -74,6 +76,8 @@ BOOKS = Gauge("ingestor_books", "Order books by sync state (idle, syncing, synce
               multiprocess_mode="livesum")
 BOOK_SYNCS = Counter("ingestor_book_syncs", "Books built from a REST snapshot, by reason (start, gap, drift)",
                      ["worker", "market", "reason"])
+BOOK_SNAPSHOT_REQUESTS = Counter("ingestor_book_snapshot_requests", "Snapshots the feature worker asked for, "
+                                 "by kind (first, retry: the book still did not sync)", ["worker", "market", "kind"])
 DRIFT_CHECKS = Counter("ingestor_book_drift_checks",
                        "Books compared with a later REST snapshot, by result (ok, mismatch, skipped)",
                        ["worker", "market", "result"])

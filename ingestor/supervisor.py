@@ -446,6 +446,9 @@ class Supervisor:
                     lag = m.get("input_lag_s")
                     if lag is not None and lag > FEATURE_LAG_PROBLEM_S and st.get("queue_depth", 0) > 0:
                         problems.append(f"{c.name}: {market} input {lag:.0f} s behind")
+                    if m.get("unsynced_books"):  # past the feature engine's UNSYNCED_PROBLEM_MS
+                        problems.append(f"{c.name}: {market} book(s) not synced for over a minute: "
+                                        + ", ".join(m["unsynced_books"][:10]))
             # A writer with work pending that commits nothing (a wedged group, a database that
             # takes the connection but never the rows) loses nothing yet, but will: say so.
             if c.kind == "writer" and st and (st.get("stalled_s") or 0) > self.settings.writer_stall_s:

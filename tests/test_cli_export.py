@@ -158,8 +158,8 @@ def encoded() -> tuple[tuple[str, int, bytes, str], ...]:
     # A trade backfilled over REST: the aggTrades item plus "s", stored under its T (no E).
     for item in orjson.loads((DOCS_DATA / "http_futures_market_agg_trades.json").read_bytes()):
         item["s"] = "BTCUSDT"
-        out.append(("agg_trades", 1, rows.agg_trade("futures", {"E": item["T"], "s": "BTCUSDT", "a": item["a"]},
-                                                    orjson.dumps(item)), "rows"))
+        fields = {"E": item["T"], "T": item["T"], "s": "BTCUSDT", "a": item["a"]}
+        out.append(("agg_trades", 1, rows.agg_trade("futures", fields, orjson.dumps(item)), "rows"))
 
     snaps = [s for name in SNAPSHOT_CAPTURES for s in read_capture(REALDATA / name).snapshots]
     for s in snaps:

@@ -43,7 +43,8 @@ def head(table: str, market: str) -> bytes:
 
 
 def plain_agg_trade(market: str, msg: dict[str, Any], payload: bytes) -> bytes:
-    return b"".join((head("agg_trades", market), cb.timestamptz_ms(msg["E"]), cb.text(msg["s"]),
+    return b"".join((head("agg_trades", market), cb.timestamptz_ms(msg["E"]), cb.timestamptz_ms(msg["T"]),
+                     cb.text(msg["s"]),
                      cb.int8(msg["a"]), plain_jsonb(payload)))
 
 
@@ -252,7 +253,8 @@ ODD_VALUES = st.one_of(
                         b'{"p":"1.00000000"}']))
 def test_encoders_refuse_what_the_general_ones_refuse(kind: str, market: str, fields: dict[str, Any],
                                                       order: dict[str, Any], payload: bytes) -> None:
-    base: dict[str, Any] = {"e": kind, "E": 1_700_000_000_000, "s": "BTCUSDT", "a": 5, "U": 1, "u": 2,
+    base: dict[str, Any] = {"e": kind, "E": 1_700_000_000_000, "T": 1_700_000_000_000, "s": "BTCUSDT", "a": 5,
+                            "U": 1, "u": 2,
                             "o": {"s": "BTCUSDT", "S": "SELL", "q": "0.014", "T": 1_700_000_000_000}}
     msg = {**base, **fields}
     if isinstance(msg["o"], dict):
@@ -262,7 +264,7 @@ def test_encoders_refuse_what_the_general_ones_refuse(kind: str, market: str, fi
 
 def test_a_new_symbol_is_encoded_and_cached() -> None:
     symbol = f"NEW{random.randrange(10**9)}USDT"
-    msg = {"e": "aggTrade", "E": 1_700_000_000_000, "s": symbol, "a": 1}
+    msg = {"e": "aggTrade", "E": 1_700_000_000_000, "T": 1_700_000_000_000, "s": symbol, "a": 1}
     assert rows.agg_trade("spot", msg, b"{}") == plain_agg_trade("spot", msg, b"{}")
     assert rows.agg_trade("spot", msg, b"{}") == plain_agg_trade("spot", msg, b"{}")  # from the cache
 

@@ -36,8 +36,8 @@ async def store(conn: asyncpg.Connection, snapshot_ms: int, diffs: list[dict[str
         "VALUES ('spot', $1, 'XUSDT', $2, $3, $4)",
         [(dt(d["E"]), d["U"], d["u"], json.dumps(d)) for d in diffs])
     await conn.executemany(
-        "INSERT INTO agg_trades (market, event_time, symbol, aggregate_trade_id, payload) "
-        "VALUES ('spot', $1, 'XUSDT', $2, $3)", [(dt(t["E"]), t["a"], json.dumps(t)) for t in trades])
+        "INSERT INTO agg_trades (market, event_time, trade_time, symbol, aggregate_trade_id, payload) "
+        "VALUES ('spot', $1, $2, 'XUSDT', $3, $4)", [(dt(t["E"]), dt(t["T"]), t["a"], json.dumps(t)) for t in trades])
 
 
 def diff(U: int, u: int, E: int, b: Any = (), a: Any = ()) -> dict[str, Any]:  # noqa: N803

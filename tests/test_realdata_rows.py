@@ -159,7 +159,7 @@ def sources() -> tuple[Source, ...]:
 def expected_columns(table: str, market: Market, e: dict[str, Any]) -> tuple[Any, ...]:
     """A row's columns other than payload, from the event, in ``rows.TABLES`` order."""
     if table == "agg_trades":
-        return (market, ms(e["E"]), e["s"], e["a"])
+        return (market, ms(e["E"]), ms(e["T"]), e["s"], e["a"])
     if table == "depth_updates":
         return (market, ms(e["E"]), e["s"], e["U"], e["u"])
     if table == "mark_prices":

@@ -62,7 +62,7 @@ async def test_refused_rows_are_isolated_next_to_duplicates(db_dsn: str) -> None
     await store(db_dsn, "agg_trades", good[:5])
     # JSON the server will not parse (the encoder leaves that check to it), among rows already
     # stored and new ones.
-    bad = rows.agg_trade("futures", {"E": T0 + 99, "s": "BTCUSDT", "a": 99}, b'{"e": oops}')
+    bad = rows.agg_trade("futures", {"E": T0 + 99, "T": T0 + 99, "s": "BTCUSDT", "a": 99}, b'{"e": oops}')
     result = await store(db_dsn, "agg_trades", [*good, bad])
     assert result == copier.CopyResult(inserted=5, duplicates=5, rejected=1)
     assert len(await fetch(db_dsn, "SELECT 1 FROM agg_trades")) == 10
@@ -95,8 +95,8 @@ async def test_backfill_stores_only_trades_not_yet_stored_and_closes_the_gap(db_
     # REST gives 11-20 (from the gap's first id on): as stored, their event time is T.
     items = [{"a": a, "p": "100.0", "q": "1", "f": a, "l": a, "T": T0 + a * 10 - 3, "m": False, "s": "BTCUSDT"}
              for a in range(11, 21)]
-    data = b"".join(rows.agg_trade("futures", {"E": it["T"], "s": "BTCUSDT", "a": it["a"]}, orjson.dumps(it))
-                    for it in items)
+    data = b"".join(rows.agg_trade("futures", {"E": it["T"], "T": it["T"], "s": "BTCUSDT", "a": it["a"]},
+                                   orjson.dumps(it)) for it in items)
     info = Backfill("futures", "BTCUSDT", 11, 15, T0 + 100, T0 + 160, T0 + 170, items[0]["T"], items[-1]["T"], True)
     conn = await asyncpg.connect(db_dsn)
     try:

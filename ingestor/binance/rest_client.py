@@ -6,6 +6,11 @@ on after a 429 gets 418 and a ban. So the client keeps its own count (corrected 
 header after every reply), waits for the next window rather than overrun its share of
 the limit, and after a 429 or 418 sends nothing to that market until ``Retry-After`` has
 passed.
+
+Every wait (the budget's next window, ``Retry-After`` of up to an hour, a retry's
+backoff, the reply itself) ends when ``stopping`` is set: ``get`` then raises
+:class:`RestStopped`, and the caller keeps what it has (tests/test_rest_client_sim.py,
+tests/test_rest_worker_stop.py).
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiohttp
 
@@ -24,11 +30,18 @@ from ingestor.binance.streams import Market
 log = logging.getLogger(__name__)
 
 
+_T = TypeVar("_T")
+
+
 class RestError(Exception):
     def __init__(self, status: int, body: bytes, url: str) -> None:
         super().__init__(f"HTTP {status} from {url}: {body[:200]!r}")
         self.status = status
         self.body = body
+
+
+class RestStopped(Exception):
+    """The client was told to stop: the request was not made, or its reply not awaited."""
 
 
 @dataclass
@@ -80,8 +93,10 @@ class RestClient:
         base_urls: Mapping[Market, str],
         weight_share: float = 0.5,
         clock: Callable[[], float] = time.time,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self.session = session
+        self.stopping = stopping
         self.base_urls = dict(base_urls)
         self.budgets = {m: WeightBudget(int(WEIGHT_LIMIT[m] * weight_share)) for m in base_urls}
         self.clock = clock
@@ -95,18 +110,17 @@ class RestClient:
         budget = self.budgets[market]
         attempt = 0
         while True:
+            if self.stopping is not None and self.stopping.is_set():
+                raise RestStopped(url)
             delay = budget.wait_s(weight, self.clock())
             if delay > 0:
                 self.waited_s += delay
-                await asyncio.sleep(delay)
+                await self._sleep(delay, url)
                 continue
             budget.spend(weight, self.clock())
             try:
-                async with self.session.get(url, params=params) as resp:
-                    body = await resp.read()
-                    status = resp.status
-                    budget.observe(resp.headers.get("X-MBX-USED-WEIGHT-1M"), self.clock())
-                    retry_after = resp.headers.get("Retry-After")
+                status, body, used, retry_after = await self._until_stop(self._fetch(url, params), url)
+                budget.observe(used, self.clock())
             except (TimeoutError, aiohttp.ClientError) as exc:
                 status, body, retry_after = 0, str(exc).encode(), None
             key = (market, endpoint, status)
@@ -124,7 +138,44 @@ class RestClient:
             backoff = min(30.0, 0.5 * 2**attempt)
             log.warning("%s %s: %s, retrying in %.1f s", market, endpoint,
                         f"HTTP {status}" if status else body.decode(errors="replace"), backoff)
-            await asyncio.sleep(backoff)
+            await self._sleep(backoff, url)
+
+    async def _fetch(self, url: str, params: Mapping[str, str | int] | None) -> tuple[int, bytes, str | None,
+                                                                                      str | None]:
+        async with self.session.get(url, params=params) as resp:
+            body = await resp.read()
+            return resp.status, body, resp.headers.get("X-MBX-USED-WEIGHT-1M"), resp.headers.get("Retry-After")
+
+    async def _sleep(self, seconds: float, url: str) -> None:
+        """``seconds``, or until told to stop (then RestStopped)."""
+        if self.stopping is None:
+            await asyncio.sleep(seconds)
+            return
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            return
+        raise RestStopped(url)
+
+    async def _until_stop(self, work: Awaitable[_T], url: str) -> _T:
+        """``work``'s result, unless told to stop first: then it is cancelled (RestStopped)."""
+        if self.stopping is None:
+            return await work
+        job = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait((job, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the caller is cancelled: neither task outlives this call
+            for task in (job, stop):
+                if not task.done():
+                    task.cancel()
+        if job.done() and not job.cancelled():
+            return job.result()
+        try:
+            await job
+        except asyncio.CancelledError:
+            pass
+        raise RestStopped(url)
 
 
 def _retry_after_s(value: str | None) -> float:

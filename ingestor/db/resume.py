@@ -18,19 +18,20 @@ import asyncpg
 from ingestor.binance.sequence import Positions
 from ingestor.binance.streams import Market
 
-# kind (as SequenceTracker names it) -> (table, the id column, or None: the event time is the id)
-_SOURCES: dict[str, tuple[str, str | None]] = {
-    "t": ("agg_trades", "aggregate_trade_id"),
-    "d": ("depth_updates", "final_update_id"),
-    "m": ("mark_prices", None),
-    "f": ("force_orders", None),
+# kind (as SequenceTracker names it) -> (table, the id column or None: the event time is
+# the id, the time column its unique key leads with after market and symbol)
+_SOURCES: dict[str, tuple[str, str | None, str]] = {
+    "t": ("agg_trades", "aggregate_trade_id", "trade_time"),
+    "d": ("depth_updates", "final_update_id", "event_time"),
+    "m": ("mark_prices", None, "event_time"),
+    "f": ("force_orders", None, "event_time"),
 }
 
 
-def _query(table: str, id_col: str | None) -> str:
+def _query(table: str, id_col: str | None, time_col: str) -> str:
     ms = "(extract(epoch FROM x.event_time) * 1000)::bigint"
     ident = f"x.{id_col}" if id_col else ms
-    order = f"x.event_time DESC, x.{id_col} DESC" if id_col else "x.event_time DESC"
+    order = f"x.{time_col} DESC, x.{id_col} DESC" if id_col else f"x.{time_col} DESC"
     return (f"SELECT s.symbol, last.id, last.ms FROM unnest($2::text[]) AS s(symbol) "
             f"CROSS JOIN LATERAL (SELECT {ident} AS id, {ms} AS ms FROM {table} x "
             f"WHERE x.market = $1 AND x.symbol = s.symbol ORDER BY {order} LIMIT 1) AS last")
@@ -44,8 +45,8 @@ async def stored_positions(conn: asyncpg.Connection, symbols: dict[Market, list[
         if not names:
             continue
         positions: Positions = {}
-        for kind, (table, id_col) in _SOURCES.items():
-            rows = await conn.fetch(_query(table, id_col), market, list(names))
+        for kind, (table, id_col, time_col) in _SOURCES.items():
+            rows = await conn.fetch(_query(table, id_col, time_col), market, list(names))
             if rows:
                 positions[kind] = {r["symbol"]: (int(r["id"]), int(r["ms"])) for r in rows}
         if positions:

@@ -108,12 +108,13 @@ def _feature_kind(name: str) -> Kind:
 # Field names are Binance's (one letter on the streams), with their documented meaning.
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
     _table("agg_trades", "event_time", ("market", "symbol", "aggregate_trade_id"),
-           (("market", "text"), ("event_time", "timestamp"), ("symbol", "text"), ("aggregate_trade_id", "int64")),
+           # trade_time is T, stored as a column (the table's key, sql/007), not read from the payload.
+           (("market", "text"), ("event_time", "timestamp"), ("trade_time", "timestamp"), ("symbol", "text"),
+            ("aggregate_trade_id", "int64")),
            (_field("price", "float64", "p"),
             _field("quantity", "float64", "q"),
             _field("first_trade_id", "int64", "f"),
             _field("last_trade_id", "int64", "l"),
-            _field("trade_time", "timestamp", "T"),
             _field("is_buyer_maker", "bool", "m")),  # m: the buyer was the maker, so the taker sold
            100_000),
     _table("depth_updates", "event_time", ("market", "symbol", "final_update_id"),

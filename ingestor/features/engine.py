@@ -34,6 +34,7 @@ differently: live has closed its bar and drops it (counted), a replay reads it i
 from __future__ import annotations
 
 import math
+import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,16 @@ RECENT_DIFFS = 32
 MAX_PENDING_CHECKS = 2  # snapshots ahead of the book kept for a check
 MAX_HELD = 4  # snapshots offered before any diff, kept to try in order (the newest kept)
 REQUEST_TIMEOUT_MS = 30_000  # ask again for a snapshot that has not come by then
+# A book that does not sync asks again after a wait that doubles from the first to the
+# last (each drawn between half and all of it, so books refused together spread out): a
+# snapshot that is always older than the diffs (a lagging REST server) costs a few
+# requests a minute, not the whole weight budget (issue 16 item 12: 118 in 32 s).
+# tests/test_resync_backoff.py counts the snapshots served.
+RESYNC_FIRST_WAIT_MS = 1_000
+RESYNC_MAX_WAIT_MS = 60_000
+# A book unsynced this long is a problem: listed in the worker's status (/health turns it
+# into a problem) and recorded as an open book gap until it syncs.
+UNSYNCED_PROBLEM_MS = 60_000
 MAX_BOOK_WAIT_MS = 15_000  # a bar waits this long past its close for a syncing book
 DIFF_WAIT_MS = 2_000  # a bar waits this long past its close for a diff past its end
 # Diffs buffered while a snapshot is awaited: the last this much event time is kept (twice the
@@ -122,11 +133,14 @@ class Outbox:
     syncs: list[SyncRecord] = field(default_factory=list)
     gaps: list[BookGap] = field(default_factory=list)
     drift: list[DriftCheck] = field(default_factory=list)
+    # Books unsynced for UNSYNCED_PROBLEM_MS, once each: their gap, open (closed by the
+    # resync, like any book gap, with the same key).
+    unsynced: list[tuple[BookGap, int]] = field(default_factory=list)  # (gap, snapshots asked for)
 
     def take(self) -> Outbox:
         """Everything collected so far; the outbox starts empty again."""
-        out = Outbox(self.rows, self.requests, self.syncs, self.gaps, self.drift)
-        self.rows, self.requests, self.syncs, self.gaps, self.drift = [], [], [], [], []
+        out = Outbox(self.rows, self.requests, self.syncs, self.gaps, self.drift, self.unsynced)
+        self.rows, self.requests, self.syncs, self.gaps, self.drift, self.unsynced = [], [], [], [], [], []
         return out
 
 
@@ -146,6 +160,8 @@ class Counters:
     drift_levels: int = 0
     drift_skipped: int = 0
     unknown_symbol: int = 0
+    snapshot_requests: int = 0  # snapshots asked for (first asks and retries)
+    snapshot_retries: int = 0  # of those, asked again because the book still did not sync
 
 
 AcceptSnapshot = Callable[[Market, str, int, int], bool]  # (market, symbol, lastUpdateId, stored time)
@@ -182,6 +198,13 @@ class SymbolState:
         self.last_e = 0
         self.open_gap: BookGap | None = None
         self.held: list[tuple[dict[str, Any], int]] = []  # snapshots offered before any diff, as they came
+        # Asking for snapshots (engine clock): the asks since the book was last synced, the
+        # earliest time of the next one, whether one is owed, since when the book is unsynced.
+        self.asks = 0
+        self.ask_after_ms = 0
+        self.ask_owed = False
+        self.unsynced_ms: int | None = None
+        self.unsynced_reported = False
 
     # -- the book ---------------------------------------------------------------------------
 
@@ -314,11 +337,50 @@ class SymbolState:
         self.held = []
 
     def _request(self) -> None:
+        """The book needs a snapshot: ask now, or once the backoff since the last ask is over."""
         eng = self.engine
+        now = eng.now(self.market)
         self.status = SYNCING
-        self.requested_ms = eng.now(self.market)
-        eng.outbox.requests.append((self.market, self.symbol))
+        if self.unsynced_ms is None:
+            self.unsynced_ms = now
         eng.attention.add(self)
+        if now < self.ask_after_ms:
+            self.ask_owed = True  # asked by the clock (tick) when the wait is over
+            return
+        self._ask(now)
+
+    def _ask(self, now: int) -> None:
+        eng = self.engine
+        c = eng.counters[self.market]
+        c.snapshot_requests += 1
+        if self.asks:
+            c.snapshot_retries += 1
+        wait = min(RESYNC_MAX_WAIT_MS, RESYNC_FIRST_WAIT_MS * 2 ** min(self.asks, 16))
+        self.asks += 1
+        self.ask_after_ms = now + int(wait * (0.5 + 0.5 * eng.rng.random()))
+        self.ask_owed = False
+        self.requested_ms = now
+        eng.outbox.requests.append((self.market, self.symbol))
+
+    def _synced(self) -> None:
+        """Synced: the next resync asks at once, and starts a new backoff."""
+        self.asks = 0
+        self.ask_after_ms = 0
+        self.ask_owed = False
+        self.unsynced_ms = None
+        self.unsynced_reported = False
+
+    def _report_unsynced(self, now: int) -> None:
+        """Once per unsynced spell, past UNSYNCED_PROBLEM_MS: the book's gap, recorded open."""
+        if self.unsynced_reported or self.unsynced_ms is None or now - self.unsynced_ms < UNSYNCED_PROBLEM_MS:
+            return
+        self.unsynced_reported = True
+        if self.open_gap is None:  # never synced (or lost without a gap): the diffs it could not use
+            pending = self.sync.pending
+            first = int(pending[0]["U"]) if pending else self.synced_lid + 1
+            last = int(pending[-1]["u"]) if pending else first
+            self.open_gap = BookGap(self.market, self.symbol, first, last, self.unsynced_ms, now, now, None)
+        self.engine.outbox.unsynced.append((self.open_gap, self.asks))
 
     def on_snapshot(self, snapshot: dict[str, Any], time_ms: int) -> None:
         eng = self.engine
@@ -363,6 +425,7 @@ class SymbolState:
                 self._request()
             return True
         self.status = SYNCED
+        self._synced()
         self.snapshot_time_ms = time_ms
         c = eng.counters[self.market]
         c.resyncs[self.reason] = c.resyncs.get(self.reason, 0) + 1
@@ -474,8 +537,13 @@ class SymbolState:
         self.on_bars(self.bars.on_clock(now_ms))
         if self.waiting:
             self._resolve()
-        if self.status == SYNCING and now_ms - self.requested_ms >= REQUEST_TIMEOUT_MS:
-            self._request()
+        if self.status == SYNCING:
+            if self.ask_owed:
+                if now_ms >= self.ask_after_ms:
+                    self._ask(now_ms)
+            elif now_ms - self.requested_ms >= REQUEST_TIMEOUT_MS:
+                self._request()
+            self._report_unsynced(now_ms)
 
     @property
     def needs_clock(self) -> bool:
@@ -508,6 +576,7 @@ class FeatureEngine:
         self.snapshot_limit = snapshot_limit
         self.accept_snapshot = accept_snapshot
         self.max_book_wait_ms = max_book_wait_ms
+        self.rng = random.Random(0)  # the backoff's jitter (seeded: a replay asks nothing anyway)
         self.bar_ms = settings.bar_seconds * 1000
         self.symbols: dict[tuple[Market, str], SymbolState] = {}
         self._builders: dict[Market, dict[str, BarBuilder]] = {}  # per market, symbol -> its bars
@@ -720,6 +789,10 @@ class FeatureEngine:
             if m == market:
                 out[st.status] += 1
         return out
+
+    def unsynced_books(self, market: Market) -> list[str]:
+        """Symbols of ``market`` whose book has been unsynced for UNSYNCED_PROBLEM_MS or more."""
+        return sorted(s for (m, s), st in self.symbols.items() if m == market and st.unsynced_reported)
 
     def waiting_bars(self) -> int:
         return sum(len(st.waiting) for st in self.symbols.values())

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import queue
 import time
+from array import array
 from typing import Any
 
 import asyncpg
@@ -29,9 +30,16 @@ import orjson
 
 from ingestor.binance.streams import Market
 from ingestor.config import Settings
-from ingestor.features.engine import DIFF_WAIT_MS, BookGap, FeatureEngine, Outbox
+from ingestor.features.engine import (
+    DIFF_WAIT_MS,
+    RESYNC_MAX_WAIT_MS,
+    UNSYNCED_PROBLEM_MS,
+    BookGap,
+    FeatureEngine,
+    Outbox,
+)
 from ingestor.wire import rows
-from ingestor.wire.batching import Batcher
+from ingestor.wire.batching import Batch, Batcher
 from ingestor.wire.child import ChildContext, run_child, tune_gc
 from ingestor.wire.delivery import Delivery, WriterLink
 from ingestor.wire.feed import DRAIN, Feed, Snapshot, SnapshotRequest
@@ -182,7 +190,8 @@ class FeatureWorker:
         # A resync closes the book's gap in the same turn: one line says both.
         closed: dict[tuple[Market, str], list[BookGap]] = {}
         for g in out.gaps:
-            closed.setdefault((g.market, g.symbol), []).append(g)
+            if g.closed_ms is not None:
+                closed.setdefault((g.market, g.symbol), []).append(g)
             self._gap_row(g.market, g.symbol, g.first_missing, g.last_missing, g.from_ms, g.to_ms,
                           g.detected_ms, g.closed_ms)
         for sy in out.syncs:
@@ -206,6 +215,16 @@ class FeatureWorker:
                                                                     g.last_missing, "resynced"))
         for market, symbol in out.requests:
             self.request_queue.put(SnapshotRequest(market, symbol))
+        for g, asks in out.unsynced:  # once per book and unsynced spell; its resync closes the row
+            self.batcher.add("stream_gaps", rows.stream_gap(g.market, g.symbol, "book", g.first_missing,
+                                                            g.last_missing, g.from_ms, g.to_ms, g.detected_ms),
+                             g.detected_ms)
+            log.warning("%s %s: book not synced for %d s (%d snapshot(s) asked for, none usable); asking again "
+                        "with backoff up to %d s; recorded as an open book gap (update ids %d..%d)", g.market,
+                        g.symbol, UNSYNCED_PROBLEM_MS // 1000, asks, RESYNC_MAX_WAIT_MS // 1000, g.first_missing,
+                        g.last_missing,
+                        extra={**self._gap_context(g.market, g.symbol, g.first_missing, g.last_missing, "open"),
+                               "event": "book_unsynced", "snapshot_requests": asks})
         for d in out.drift:
             if d.mismatches:
                 log.warning("%s %s: book drifted from the snapshot at update id %d: %d level(s) differ "
@@ -218,10 +237,14 @@ class FeatureWorker:
     def _gap_row(self, market: Market, symbol: str, first: int, last: int, from_ms: int, to_ms: int,
                  detected_ms: int, closed_ms: int | None) -> None:
         how = "open" if closed_ms is None else "resynced"
-        if closed_ms is not None:
+        row = rows.stream_gap(market, symbol, "book", first, last, from_ms, to_ms, detected_ms, how, closed_ms)
+        if closed_ms is None:
+            self.batcher.add("stream_gaps", row, detected_ms)
+        else:
             self.resynced_gaps[market] = self.resynced_gaps.get(market, 0) + 1
-        self.batcher.add("stream_gaps", rows.stream_gap(market, symbol, "book", first, last, from_ms, to_ms,
-                                                        detected_ms, how, closed_ms), detected_ms)
+            # A closing row: it updates the gap's open row if one was stored (a book unsynced
+            # past UNSYNCED_PROBLEM_MS), else stands alone; in either order the row ends closed.
+            self.delivery.send(Batch("stream_gaps", 1, row, array("q", [detected_ms]).tobytes(), kind="close"))
         if closed_ms is None:  # a resynced one has its line from the resync
             log.warning("%s %s: book missed update ids %d..%d; not resynced before stopping", market, symbol, first,
                         last, extra=self._gap_context(market, symbol, first, last, how))
@@ -328,6 +351,8 @@ class FeatureWorker:
                 t.set(M.FEATURE_EVENTS.labels(w, m, kind), n)
             for reason, n in c.resyncs.items():
                 t.set(M.BOOK_SYNCS.labels(w, m, reason), n)
+            t.set(M.BOOK_SNAPSHOT_REQUESTS.labels(w, m, "first"), c.snapshot_requests - c.snapshot_retries)
+            t.set(M.BOOK_SNAPSHOT_REQUESTS.labels(w, m, "retry"), c.snapshot_retries)
             for result, n in (("ok", c.drift_ok), ("mismatch", c.drift_mismatch), ("skipped", c.drift_skipped)):
                 t.set(M.DRIFT_CHECKS.labels(w, m, result), n)
             t.set(M.DRIFT_LEVELS.labels(w, m), c.drift_levels)
@@ -340,7 +365,8 @@ class FeatureWorker:
             lag = None if data is None else round(wall - data / 1000, 3)
             if lag is not None:
                 M.FEATURE_INPUT_LAG.labels(w, m).set(lag)
-            markets[m] = {"books": states, "bars": c.bars, "input_lag_s": lag, "late": c.late,
+            markets[m] = {"books": states, "unsynced_books": eng.unsynced_books(m),
+                          "snapshot_requests": c.snapshot_requests, "bars": c.bars, "input_lag_s": lag, "late": c.late,
                           "resyncs": dict(c.resyncs), "drift_mismatches": c.drift_mismatch,
                           "drift_checks": c.drift_ok + c.drift_mismatch}
         for (m, kind), n in self.rejected.items():

@@ -36,6 +36,10 @@ FAULT_KINDS: dict[str, str] = {
     "rest_slow": "delay the next `count` REST replies by `delay` ms",
     "rest_5xx": "answer the next `count` REST requests with 503",
     "rest_429": "answer the next `count` REST requests with 429 and Retry-After (`duration` s, default 30)",
+    "rest_bad_body": "answer the next `count` REST requests with 200 and a JSON array of strings, whatever "
+                     "the endpoint returns",
+    "rest_stale": "answer the next `count` REST requests, if depth snapshots, with one older than every diff "
+                  "(lastUpdateId 1): a book can never sync from it",
 }
 
 

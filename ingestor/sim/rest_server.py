@@ -77,6 +77,9 @@ class WeightBudget:
         return 200, 0.0
 
 
+_STALE = web.RequestKey("stale", bool)  # fault rest_stale: this depth reply is to be stale
+
+
 class RestApi:
     """Routes of one market over its model; faults are injected from the admin side."""
 
@@ -150,6 +153,10 @@ class RestApi:
                                            "process your request. Please try again."}), 503)
             elif fault.kind == "rest_429":
                 return self._too_many(429, fault.duration or 30.0)
+            elif fault.kind == "rest_bad_body":
+                return _json(b'["not", "what", "you", "asked", "for"]')
+            elif fault.kind == "rest_stale":
+                request[_STALE] = True
         status, retry = self.budget.charge(self._weight(request), time.time())
         if status != 200:
             return self._too_many(status, retry)
@@ -224,7 +231,10 @@ class RestApi:
             body = self.snapshot_override(symbol)
             if body is not None:
                 return _json(body)
-        return _json(self.model.depth_snapshot(symbol, limit))
+        body = self.model.depth_snapshot(symbol, limit)
+        if request.get(_STALE):  # older than every diff sent: no book can sync from it
+            body = orjson.dumps({**orjson.loads(body), "lastUpdateId": 1})
+        return _json(body)
 
     async def _agg_trades(self, request: web.Request) -> web.Response:
         symbol = self._symbol(request)

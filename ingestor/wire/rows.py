@@ -15,7 +15,8 @@ from ingestor.feature_spec import FEATURE_COLUMNS
 from ingestor.wire import copy_binary as cb
 
 TABLES: dict[str, tuple[str, ...]] = {
-    "agg_trades": ("market", "event_time", "symbol", "aggregate_trade_id", "payload"),
+    # trade_time (T) is in the key: a REST trade has no event time E (sql/007).
+    "agg_trades": ("market", "event_time", "trade_time", "symbol", "aggregate_trade_id", "payload"),
     "depth_updates": ("market", "event_time", "symbol", "first_update_id", "final_update_id", "payload"),
     "mark_prices": ("market", "event_time", "symbol", "payload"),
     "force_orders": ("market", "event_time", "transaction_time", "symbol", "side", "quantity", "payload"),
@@ -73,8 +74,8 @@ _FORCE_PREFIX = _prefixes("force_orders")
 def agg_trade_parts(market: Market, msg: dict[str, Any], payload: bytes) -> tuple[bytes, ...]:
     """``agg_trade``'s tuple in pieces (``b"".join`` of them is the tuple)."""
     s = msg["s"]
-    return (_AGG_PREFIX[market], cb.timestamptz_ms(msg["E"]), _symbol_cache.get(s) or symbol_field(s),
-            cb.int8_payload_head(msg["a"], payload), payload)
+    return (_AGG_PREFIX[market], cb.timestamptz_ms(msg["E"]), cb.timestamptz_ms(msg["T"]),
+            _symbol_cache.get(s) or symbol_field(s), cb.int8_payload_head(msg["a"], payload), payload)
 
 
 def agg_trade(market: Market, msg: dict[str, Any], payload: bytes) -> bytes:

@@ -10,8 +10,8 @@
   raw bytes, counted, and logged at most once per table per ``REFUSED_LOG_PERIOD_S``; the
   rest is stored.
 - A backfill (trades fetched over REST to fill a gap): trades already stored with that id
-  are left out first (a REST trade has no event time ``E``, so the unique key alone could
-  not tell), then the gap's row is closed with the number of trades that came in.
+  are left out first (counted as duplicates; the unique key holds the trade time ``T``,
+  the same on both paths), then the gap's row is closed with the number of trades that came in.
 - A closing row of ``stream_gaps`` (kind ``close``): it updates the open row of the same
   gap, or stands alone if that one never came.
 
@@ -28,7 +28,7 @@ import time
 from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -39,8 +39,6 @@ from ingestor.writer.errors import Kind, classify, sqlstate
 
 log = logging.getLogger(__name__)
 
-# How far after a trade's time T its WebSocket copy may carry its event time E.
-BACKFILL_E_SLACK = timedelta(minutes=2)
 # A bad 5,000-row batch must not write 5,000 lines: one per table per period, with a count.
 REFUSED_LOG_PERIOD_S = 60.0
 _GAP_KEY = "market, symbol, stream, COALESCE(from_id, -1), COALESCE(to_id, -1), COALESCE(from_time, 'epoch')"
@@ -308,18 +306,20 @@ REFUSED_LOG = RefusedLog()
 async def store_backfill(conn: asyncpg.Connection, data: bytes, ids: bytes, info: Backfill) -> CopyResult:
     """Trades fetched over REST for one gap: those not stored yet, then the gap's row closed.
 
-    Only the caller's ordering makes this safe: every batch taken before this one has been
-    committed, so a trade of the gap that came over the WebSocket after all is stored by
-    now and shows up here."""
+    No order with the other batches is needed: the table's key holds the trade time, the
+    same on both paths, so a WebSocket copy stored before this is left out here, and one
+    stored after it meets the key (tests/test_agg_trades_key.py)."""
     trade_ids = array("q")
     trade_ids.frombytes(ids)
     result = CopyResult()
     if trade_ids:
+        # The table's key (sql/007) holds the trade time T, the same on both paths: the
+        # query reads the key's range, and the key itself refuses any copy it misses.
         times = await conn.fetch(
             """SELECT aggregate_trade_id FROM agg_trades
-               WHERE market = $1 AND symbol = $2 AND event_time >= $3 AND event_time <= $4
+               WHERE market = $1 AND symbol = $2 AND trade_time >= $3 AND trade_time <= $4
                  AND aggregate_trade_id BETWEEN $5 AND $6""",
-            info.market, info.symbol, _dt(info.first_trade_ms), _dt(info.last_trade_ms) + BACKFILL_E_SLACK,
+            info.market, info.symbol, _dt(info.first_trade_ms), _dt(info.last_trade_ms),
             min(trade_ids), max(trade_ids))
         have = {r[0] for r in times}
         offsets = tuple_offsets(data)
