@@ -2,8 +2,10 @@
 
 ``ingestor demo --chaos`` run long (``ingestor.demo.run_demo``): the simulator and every
 worker, on the embedded PostgreSQL (so the chaos plan can stop and start the database),
-a seeded deck of every fault (drops, stalls, skipped diffs and trades, bad frames,
-429/5xx/slow REST, each worker kind SIGKILLed, a database outage) one every
+a seeded deck of every fault (``ingestor.sim.chaos``: drops, stalls, skipped diffs and
+trades, bad frames, bogus ids, connections that will not close, 429/5xx/slow REST, each
+worker kind SIGKILLed, the writer stalled, every producer killed mid-batch, an internal
+server error, a database outage with the writer killed after it) one every
 ``--every`` seconds, connections rotated every 15 s. Every 10 s the resident memory of
 each process is read from ``/proc``.
 
