@@ -141,7 +141,8 @@ def test_spot_agg_trade_row() -> None:
     h.flush(force=True)
     [batch] = sink.batches
     assert (batch.table, batch.rows) == ("agg_trades", 1)
-    assert sink.rows("agg_trades") == [[b"spot", ts(1_700_000_000_123), b"BTCUSDT", i8(5933014), jsonb(payload)]]
+    assert sink.rows("agg_trades") == [[b"spot", ts(1_700_000_000_123), ts(1_700_000_000_122), b"BTCUSDT", i8(5933014),
+                                        jsonb(payload)]]
     assert event_ms(batch) == [1_700_000_000_123]
     assert h.messages == {"aggTrade": 1}
     assert h.rejected == {}
@@ -161,7 +162,8 @@ def test_docs_payloads_raw_and_in_envelopes() -> None:
     h.on_payload(liq)
     h.flush(force=True)
     assert h.rejected == {}
-    assert sink.rows("agg_trades") == [[b"futures", ts(123456789), b"BTCUSDT", i8(5933014), jsonb(trade)]]
+    assert sink.rows("agg_trades") == [[b"futures", ts(123456789), ts(123456785), b"BTCUSDT", i8(5933014),
+                                        jsonb(trade)]]
     assert sink.rows("depth_updates") == [
         [b"futures", ts(1571889248277), b"BTCUSDT", i8(390497796), i8(390497878), jsonb(depth.strip())],
     ]
@@ -210,7 +212,7 @@ def test_trade_gap_row_and_stale_trades() -> None:
     for a, e in ((100, 5000), (101, 5001), (101, 5001), (99, 4000), (105, 5900)):
         h.on_payload(spot_trade(a, E=e))
     h.flush(force=True)
-    assert [r[3] for r in sink.rows("agg_trades")] == [i8(100), i8(101), i8(105)]
+    assert [r[4] for r in sink.rows("agg_trades")] == [i8(100), i8(101), i8(105)]
     assert h.stale == 2
     [gap_row] = sink.rows("stream_gaps")
     assert gap_row[:7] == [b"spot", b"BTCUSDT", b"aggTrade", i8(102), i8(104), ts(5001), ts(5900)]
@@ -376,7 +378,7 @@ def test_batches_by_size() -> None:
     h.flush(force=True)
     assert [b.rows for b in sink.batches] == [3, 3, 1]
     assert [event_ms(b) for b in sink.batches] == [[1001, 1002, 1003], [1004, 1005, 1006], [1007]]
-    assert [[r[3] for r in tuples(b)] for b in sink.batches] == [[i8(1), i8(2), i8(3)], [i8(4), i8(5), i8(6)],
+    assert [[r[4] for r in tuples(b)] for b in sink.batches] == [[i8(1), i8(2), i8(3)], [i8(4), i8(5), i8(6)],
                                                                  [i8(7)]]
     assert h.batcher.sent_rows == {"agg_trades": 7}
     assert h.batcher.sent_batches == 3
@@ -503,7 +505,7 @@ def test_a_successor_carries_on_from_the_positions_of_a_dead_worker() -> None:
     h.on_payload(spot_trade(106, E=5106, s="ETHUSDT"))  # 103-105 died with the predecessor
     h.on_frame(enc.envelope("!markPrice@arr@1s", enc.mark_price_array([mark(6000, "ETHUSDT"), mark(9000, "ETHUSDT")])))
     h.flush(force=True)
-    assert [r[3] for r in sink.rows("agg_trades")] == [i8(106)]
+    assert [r[4] for r in sink.rows("agg_trades")] == [i8(106)]
     assert [(a, b) for a, b, _ in seen] == [(103, 105)]
     assert [(r[2], r[5], r[6]) for r in sink.rows("stream_gaps")] == [(b"aggTrade", ts(5102), ts(5106)),
                                                                       (b"markPrice", ts(6000), ts(9000))]
@@ -519,7 +521,7 @@ def test_a_bogus_trade_id_costs_one_frame_and_is_counted() -> None:
         h.on_frame(enc.envelope("btcusdt@aggTrade", enc.agg_trade_spot(E, "BTCUSDT", a, "42000.01", "0.001", 7, 7,
                                                                        E - 1, True)))
     h.flush(force=True)
-    assert [r[3] for r in sink.rows("agg_trades")] == [i8(100), i8(101), i8(102), i8(103)]
+    assert [r[4] for r in sink.rows("agg_trades")] == [i8(100), i8(101), i8(102), i8(103)]
     assert h.rejected == {"implausible_id": 1}
     assert h.stale == 0 and sink.rows("stream_gaps") == [] and h.gaps == {}
 

@@ -38,7 +38,12 @@ ROW_CLASSES = frozenset({"22", "23", "54"})
 ROW_STATES = frozenset({"P0001"})
 AWAY_CLASSES = frozenset({"08", "53", "57"})
 # Below asyncpg's PostgresError: the socket or the client's view of the connection.
-CONNECTION_TYPES = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError)
+# InternalClientError: asyncpg's protocol state broken under it, seen when the server
+# terminated the backend while a COPY began ("cannot switch to state 21; another operation
+# is in progress"): the connection is unusable, so it counts as lost (the group is stored
+# again on a new one), not as an error nobody understood.
+CONNECTION_TYPES = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError,
+                    asyncpg.exceptions._base.InternalClientError)
 
 
 def kind_of_state(sqlstate: str) -> Kind:
