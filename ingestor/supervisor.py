@@ -339,10 +339,12 @@ class Supervisor:
                         # It fills the bars its predecessor missed, from the first one the
                         # chain of dead workers owes.
                         child.args = (*child.args[:8], dict((child.status or {}).get("bar_starts") or {}))
-                    if child.kind == "socket" and child.positions:
+                    if child.kind == "socket":
                         # The new worker carries on from the sequences its predecessor last
                         # reported, so it sees (and has backfilled) what the death lost.
-                        child.args = (*child.args[:9], child.positions)
+                        markets = {c.market for c in child.args[2]}
+                        child.args = (*child.args[:9], with_time_floor(child.positions, markets,
+                                                                       int(self.started * 1000)))
                     self._start(child)
                 elif proc is not None and now - child.started_at > RESTART_RESET_AFTER_S:
                     child.backoff_s = 0.5
@@ -471,6 +473,22 @@ class Supervisor:
 
 # The REST and feature workers' slices of --max-buffer-mb; the socket workers share the rest.
 SMALL_PRODUCER_SHARE = 0.05
+
+
+def with_time_floor(positions: dict[Any, Any], markets: set[Market], since_ms: int) -> dict[Any, Any]:
+    """``positions`` for a restarted socket worker, with a floor for the streams without ids
+    (mark prices ``m``, liquidations ``f``) that no acknowledged batch has placed yet: their
+    time gap then starts at ``since_ms`` (this run's start), not at the successor's own start,
+    so it covers what the dead worker received and never had stored (seen in `demo --chaos`:
+    liquidations lost with no gap around them). The floor sits under the symbol ``*``, which
+    no event has, so it never makes a real event look stale."""
+    out = {m: {kind: dict(state) for kind, state in by_kind.items()} for m, by_kind in positions.items()}
+    for market in markets:
+        by_kind = out.setdefault(market, {})
+        for kind in ("m", "f"):
+            if not by_kind.get(kind):
+                by_kind[kind] = {"*": (since_ms, since_ms)}
+    return out
 
 
 def buffer_budgets(total_bytes: int, sockets: int, features: bool) -> dict[str, int]:

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import orjson
 
+from ingestor.sim import encode as enc
+from ingestor.supervisor import with_time_floor
+from ingestor.wire import rows as R
 from ingestor.wire.batching import Batch, Batcher
 from ingestor.workers.frames import FrameHandler
+
+from .test_unit_frames import ts
+from .test_unit_frames import tuples as fields_of
 
 
 def diff(first: int, final: int, e_ms: int) -> bytes:
@@ -54,3 +60,22 @@ def test_flush_hands_gap_rows_on_first_whatever_came_first() -> None:
     handler.on_payload(diff(3, 3, 1_100))
     handler.flush(force=True)
     assert [b.table for b in sent] == ["stream_gaps", "depth_updates"]
+
+
+def test_a_liquidation_stream_no_acknowledged_batch_placed_gets_its_gap_from_the_run_start() -> None:
+    """A worker killed before any of its liquidations was acknowledged: its successor's time
+    gap must start where the run did, not where the successor did (``demo --chaos`` found
+    liquidations lost with no gap around them)."""
+
+    positions = with_time_floor({"futures": {"t": {"BTCUSDT": (7, 900)}}}, {"futures"}, since_ms=1_000)
+    assert positions["futures"]["t"] == {"BTCUSDT": (7, 900)}  # what was placed stays
+    assert positions["futures"]["f"] == positions["futures"]["m"] == {"*": (1_000, 1_000)}
+    sent: list[Batch] = []
+    handler = FrameHandler("futures", Batcher(sent.append, batch_rows=100))
+    handler.seed(positions["futures"], {"forceOrder"})
+    handler.on_payload(enc.force_order(5_000, "BTCUSDT", "SELL", "0.014", "9910", "9910", 4_999))
+    handler.flush(force=True)
+    assert [b.table for b in sent] == ["stream_gaps", "force_orders"]
+    (gap,) = fields_of(sent[0])
+    cols = dict(zip(R.TABLES["stream_gaps"], gap, strict=True))
+    assert cols["stream"] == b"forceOrder" and cols["from_time"] == ts(1_000) and cols["to_time"] == ts(5_000)

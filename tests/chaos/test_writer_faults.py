@@ -27,8 +27,8 @@ import pytest
 
 from ingestor.db.embedded import EmbeddedPostgres
 from ingestor.sim.audit import TABLES, audit, sent_ids
-from ingestor.wire import rows as R
 from ingestor.sim.server import SimConfig, Simulator
+from ingestor.wire import rows as R
 
 from ..conftest import post_json
 from ..pipeline import Pipeline, sim_flags, wait_until
