@@ -37,7 +37,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
 set +e
-"$VENV/bin/pytest" -q "$@"
+"$VENV/bin/pytest" -q --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
