@@ -72,39 +72,42 @@ class FrameReader:
         buf = self._buf
         buf += data
         out: list[bytes] = []
+        pos = 0  # consumed up to here; cut once at the end (a cut per frame moves the rest each time)
+        size = len(buf)
         while True:
-            if not buf.startswith(MAGIC):
-                at = buf.find(MAGIC)
+            if buf[pos : pos + len(MAGIC)] != MAGIC:
+                at = buf.find(MAGIC, pos)
                 if at < 0:
-                    keep = len(MAGIC) - 1  # a magic number may be split across two reads
-                    if len(buf) > keep:
-                        self.skipped_bytes += len(buf) - keep
-                        del buf[: len(buf) - keep]
-                    return out
-                self.skipped_bytes += at
-                del buf[:at]
-            if len(buf) < _HEAD.size:
-                return out
-            _, n, crc = _HEAD.unpack_from(buf)
+                    keep_from = max(pos, size - (len(MAGIC) - 1))  # a magic number may be split across reads
+                    self.skipped_bytes += keep_from - pos
+                    pos = keep_from
+                    break
+                self.skipped_bytes += at - pos
+                pos = at
+            if size - pos < _HEAD.size:
+                break
+            _, n, crc = _HEAD.unpack_from(buf, pos)
+            end = pos + _HEAD.size + n
             if n > MAX_FRAME:
-                self._bad(buf)
+                pos = self._bad(pos)
                 continue
-            end = _HEAD.size + n
-            if len(buf) < end:
-                return out  # the rest is still coming
-            payload = bytes(buf[_HEAD.size : end])
+            if size < end:
+                break  # the rest is still coming
+            payload = bytes(buf[pos + _HEAD.size : end])
             if zlib.crc32(payload) != crc:
                 # Not a frame after all (or a damaged one): look for the next magic number
                 # from just past this one, so a whole frame inside these bytes is kept.
-                self._bad(buf)
+                pos = self._bad(pos)
                 continue
-            del buf[:end]
             out.append(payload)
+            pos = end
+        del buf[:pos]
+        return out
 
-    def _bad(self, buf: bytearray) -> None:
+    def _bad(self, pos: int) -> int:
         self.bad_frames += 1
         self.skipped_bytes += 1
-        del buf[:1]
+        return pos + 1
 
     def end(self) -> int:
         """The pipe ended: a partial frame left is dropped; its size is returned."""
