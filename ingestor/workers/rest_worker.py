@@ -42,7 +42,7 @@ from ingestor.wire import rows
 from ingestor.wire.batching import Backfill, Batch, Batcher
 from ingestor.wire.child import ChildContext, run_child
 from ingestor.wire.delivery import Delivery, WriterLink
-from ingestor.wire.feed import Snapshot, SnapshotRequest, TradeGapRequest
+from ingestor.wire.feed import FEED_QUEUE_MAX, Snapshot, SnapshotRequest, TradeGapRequest, put_bounded
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class RestWorker:
         self.failed = 0
         self.skipped: dict[str, int] = {}  # periodic jobs not run while over the buffer budget, by kind
         self.skip_logged = False  # once per spell over budget
+        self.snapshots_not_fed = 0  # stored, but the feature worker's queue was full (FEED_QUEUE_MAX)
         self.bad_responses = 0  # 200 replies that are not what the endpoint returns (of failed)
         self.totals: Any = None  # metrics.Totals, created on the first report (after import)
 
@@ -194,8 +195,12 @@ class RestWorker:
             t_ms = prev[0] + 1
         self.snapshot_times[(market, symbol)] = (t_ms, lid)
         self.batcher.add("depth_snapshots", rows.depth_snapshot(market, symbol, t_ms, body), t_ms)
-        if self.feature_queue is not None:
-            self.feature_queue.put(Snapshot(market, symbol, t_ms, body))
+        # Bounded like the socket workers' feeds: a stalled feature worker must not make this
+        # process hold every snapshot since. One refused is stored all the same; a book that
+        # needs it asks again.
+        if self.feature_queue is not None and not put_bounded(self.feature_queue, Snapshot(market, symbol, t_ms, body),
+                                                              FEED_QUEUE_MAX):
+            self.snapshots_not_fed += 1
 
     async def _serve_requests(self) -> None:
         """What the other workers ask for, a few at a time within the weight budget: snapshots
@@ -367,7 +372,7 @@ class RestWorker:
         self.totals.set(M.REST_BAD_RESPONSES.labels(w), self.bad_responses)
         self.status_queue.put({
             "worker": w, "kind": "rest", "time": time.time(), "requests_done": dict(self.done),
-            "failed": self.failed, "bad_responses": self.bad_responses,
+            "failed": self.failed, "bad_responses": self.bad_responses, "snapshots_not_fed": self.snapshots_not_fed,
             "weight_used": {m: b.used for m, b in client.budgets.items()} if client else {},
             "pending_rows": self.batcher.pending_rows(), "requests_open": len(self.asked),
             "snapshots_served": self.served, "trades_backfilled": self.backfilled,

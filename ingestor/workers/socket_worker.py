@@ -42,7 +42,7 @@ from ingestor.config import Settings
 from ingestor.wire.batching import Batch, Batcher
 from ingestor.wire.child import ChildContext, run_child
 from ingestor.wire.delivery import Delivery, WriterLink
-from ingestor.wire.feed import Feed, MarketFeed, TradeGapRequest, put_bounded
+from ingestor.wire.feed import FEED_QUEUE_MAX, Feed, MarketFeed, TradeGapRequest, put_bounded
 from ingestor.workers.frames import FrameHandler, closed_at_once
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,6 @@ log = logging.getLogger(__name__)
 FLUSH_PERIOD_S = 0.05
 ACK_WAIT_S = 20.0  # at stop, how long to wait for the writer to acknowledge the last batches
 STATUS_PERIOD_S = 1.0
-# Feature input waiting, items over all producers: about 4 s of a 100k msg/s feed on one
-# shard (a Feed is one market and kind per 50 ms), tens of MB at most.
-FEED_QUEUE_MAX = 256
 POSITIONS_PERIOD_S = 2.0  # how often the sequence positions go to the supervisor (for a restart)
 # Client pings when idle: a silent socket (a stall, a dead peer) is found within
 # IDLE + REPLY seconds. Binance counts pings against the incoming-message limit, so
