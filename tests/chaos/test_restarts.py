@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import asyncpg
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from ingestor.sim.server import SimConfig, Simulator
 
 from ..pipeline import Pipeline, sim_flags, wait_until
-from .helpers import finish, kill_when, restarted
+from .helpers import finish, kill_when
 from .test_connections import BUSY, FAST, assert_trades_whole_and_other_losses_recorded
 
 
@@ -48,14 +49,21 @@ async def reports(pipe: Pipeline, worker: str, n: int) -> None:
 
 
 async def reported(pipe: Pipeline, worker: str, old_pid: int) -> None:
-    """Until the worker that replaced ``old_pid`` has sent a status with its positions (its
-    first report carries them)."""
-    await restarted(pipe, worker, old_pid)
+    """Until the worker that replaced ``old_pid`` runs and has sent a status with its
+    positions (its first report carries them). Not "healthy": the writer may be stopped."""
 
-    async def has_status() -> bool:
+    seen_at: list[float] = []
+
+    async def has_status() -> bool:  # the new pid, then a status sent after it was seen
         _, body = await pipe.health()
         w = body["workers"][worker]
-        return w["pid"] != old_pid and w["status_age_s"] is not None and "messages" in w
+        if w["pid"] == old_pid or not w["alive"]:
+            return False
+        if not seen_at:
+            seen_at.append(time.monotonic())
+            return False
+        age = w["status_age_s"]
+        return age is not None and age < time.monotonic() - seen_at[0] and "messages" in w
 
     await wait_until(has_status, 20, f"{worker} reporting")
 
